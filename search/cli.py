@@ -1,0 +1,230 @@
+"""The `merge-search` command.
+
+    merge-search run                     # the demo: builds the demo family, searches, reports
+    merge-search run configs/x.yaml --trials 50 --device cuda
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (with its traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from evaluation.errors import EvalError
+from search.errors import MergeSearchError
+
+USER_ERRORS = (MergeSearchError, EvalError)
+console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and exit code 2; bugs keep their traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="-v: info logs, -vv: debug logs.")
+def main(verbose: int) -> None:
+    """Find the best weights for merging fine-tuned checkpoints of one model.
+
+    An Optuna study proposes merge weights, each candidate is merged in memory and scored on
+    a lightweight eval suite, and the best weights are exported as a mergekit config.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    if verbose < 2:
+        logging.getLogger("optuna").setLevel(logging.WARNING)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _storage_args(run_dir: str | None, storage: str | None, study_name: str | None):
+    """Resolve RUN_DIR | --storage/--study-name to a loaded study."""
+    from search.study import load_existing_study
+
+    if run_dir:
+        db = Path(run_dir) / "study.db"
+        if not db.is_file():
+            raise MergeSearchError(f"{run_dir}: not a run folder (no study.db)")
+        storage = f"sqlite:///{db.resolve()}"
+    if not storage:
+        raise MergeSearchError("give a RUN_DIR or --storage URL")
+    if not study_name:
+        import optuna
+
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        if len(names) != 1:
+            raise MergeSearchError(f"{storage} holds {len(names)} studies ({', '.join(names)}): name one with --study-name")
+        study_name = names[0]
+    return load_existing_study(storage, study_name)
+
+
+def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
+    if not rows:
+        return
+    cols = [c for c in rows[0] if not c.startswith("dev:")]
+    table = Table(title="leaderboard (best first)")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "label" else "right")
+    for r in rows[:limit]:
+        table.add_row(*("" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    Console().print(table)
+    if len(rows) > limit:
+        Console().print(f"... {len(rows) - limit} more rows in leaderboard.md")
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--trials", type=int, help="Finished trials wanted in the study (a resumed study runs the rest).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--storage", help="Optuna storage URL (default sqlite:///<out>/study.db).")
+@click.option("--study-name", help="Study name (default: the config's name).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default runs/<name>).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where sources live and models run.")
+def run(config, trials, timeout, storage, study_name, out, device) -> None:
+    """Search merge weights for CONFIG (default: configs/demo.yaml) and write the run folder.
+
+    Writes study.db, best.yaml (mergekit config), best.json, leaderboard.md and
+    leaderboard.csv. Running again with the same storage and study name resumes.
+    """
+    from search.config import load_config
+    from search.report import leaderboard_rows, write_outputs
+    from search.study import run_search
+
+    cfg = load_config(
+        config, **{"study.n_trials": trials, "study.timeout": timeout, "study.storage": storage,
+                   "study.study_name": study_name, "out": out, "device": device},
+    )
+    if any(m.path.startswith("demo:") for m in cfg.models):
+        from search.demo import demo_family_dir, ensure_demo_family
+
+        if not demo_family_dir().is_dir():
+            console.print(f"building the demo model family in {demo_family_dir()} (once, a few minutes)...")
+        ensure_demo_family()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"study {cfg.study_name}", total=cfg.study.n_trials, best="-")
+
+        def on_trial(study, trial):
+            from search.study import finished
+
+            best = f"{study.best_value:.4f}" if study.best_trials else "-"
+            bar.update(task, completed=len(finished(study)), best=best)
+
+        study = run_search(cfg, on_trial=on_trial)
+    summary = write_outputs(study, cfg.out_dir)
+    _print_leaderboard(leaderboard_rows(study))
+    test = f", test {summary['test_score']:.4f}" if summary["test_score"] is not None else ""
+    click.echo(f"best: {summary['label']} (dev {summary['dev_score']:.4f}{test}); outputs in {cfg.out_dir}/")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def check(config) -> None:
+    """Check that the sources of CONFIG can be merged (names, shapes, dtypes, configs, tokenizers)."""
+    from search.config import load_config
+    from search.study import open_sources
+
+    cfg = load_config(config)
+    sources = open_sources(cfg)
+    for s in sources:
+        click.echo(f"ok  {s.name}: {s.path} ({len(s.tensors)} tensors)")
+    click.echo(f"{len(sources)} sources aligned")
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(exists=True))
+@click.option("--suite", help="Suite name or path (default: the config's suite, else demo).")
+@click.option("--split", default="dev", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def eval_(target, suite, split, device, batch_size) -> None:
+    """Score one model folder, or every source of a config, and print JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.checkpoints import open_checkpoint
+    from search.config import load_config
+    from search.merger import resolve_device
+    from search.study import source_path
+
+    if Path(target).is_file():
+        cfg = load_config(target)
+        models = {m.name: source_path(m.path, cfg.base_dir) for m in cfg.models}
+        suite = suite or cfg.eval.suite
+    else:
+        models = {Path(target).name: Path(target)}
+        suite = suite or "demo"
+    dev = resolve_device(device)
+    results, evaluator = {}, None
+    for name, path in models.items():
+        open_checkpoint(name, path).close()  # clear errors for non-safetensors folders
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if evaluator is None:
+            evaluator = EvalSuite(load_suite(suite), tokenizer, split, batch_size=batch_size, device=dev)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+        results[name] = evaluator.score(model).as_dict()
+    click.echo(json.dumps({"suite": suite, "split": split, "models": results}, ensure_ascii=False, indent=2))
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--storage", help="Optuna storage URL instead of RUN_DIR.")
+@click.option("--study-name", help="Study name (needed when the storage holds several).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+def leaderboard(run_dir, storage, study_name, fmt) -> None:
+    """Print the leaderboard of a run folder or a study."""
+    from search.report import leaderboard_rows, render
+
+    click.echo(render(leaderboard_rows(_storage_args(run_dir, storage, study_name)), fmt), nl=False)
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--storage", help="Optuna storage URL instead of RUN_DIR.")
+@click.option("--study-name", help="Study name (needed when the storage holds several).")
+@click.option("--trial", default="best", show_default=True, help="`best` or a trial number.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The mergekit YAML to write.")
+def export(run_dir, storage, study_name, trial, output) -> None:
+    """Write a trial's weights as a mergekit config (for mergekit-yaml)."""
+    from search.export import to_yaml
+    from search.report import leaderboard_trial, trial_config
+
+    if trial != "best" and not trial.isdigit():
+        raise MergeSearchError(f"--trial must be 'best' or a trial number but got {trial!r}")
+    study = _storage_args(run_dir, storage, study_name)
+    t = leaderboard_trial(study, trial if trial == "best" else int(trial))
+    Path(output).write_text(to_yaml(trial_config(study, t)), encoding="utf-8")
+    click.echo(f"trial {t.number} (score {t.value:.4f}) -> {output}")
+
+
+@main.command("demo-models")
+@click.option("--out", type=click.Path(file_okay=False), help="Cache root (default $MERGE_SEARCH_CACHE or ~/.cache/merge-search).")
+def demo_models(out) -> None:
+    """Build (or find in the cache) the demo model family and print its folders."""
+    from search.demo import ensure_demo_family
+
+    for name, path in ensure_demo_family(Path(out) if out else None).items():
+        click.echo(f"{name}\t{path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The run config: one pydantic tree, validated once, loaded from YAML by `load_config`.
+
+    merge-search run configs/demo.yaml
+
+Every model is frozen and forbids unknown keys, so a misspelt key is an error, not a silent
+default. `load_config` turns any validation failure into one `ConfigError` line that names the
+file, the field path and the value received.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search.errors import ConfigError
+
+# The demo config, used when `merge-search run` gets no argument.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Model):
+    name: str = Field(min_length=1)  # short label used in tables and parameter names
+    path: str = Field(min_length=1)  # local folder, hub id already cached, or demo:<name>
+
+
+class MergeSpec(_Model):
+    method: Literal["linear"] = "linear"
+    normalize: bool = True  # as mergekit: divide by the sum of the weights
+
+
+class EvalSpec(_Model):
+    suite: str = "demo"  # a built-in suite name or a path to a suite.yaml / suite folder
+    search_split: str = "dev"  # the split the study optimizes
+    test_split: str | None = "test"  # held-out split re-scored for the leaderboard; null = none
+    rescore_top: int = Field(default=3, ge=0)  # top candidates re-scored on test_split
+    batch_size: int = Field(default=32, ge=1)
+
+
+class StudySpec(_Model):
+    storage: str | None = None  # Optuna storage URL; default sqlite:///<out>/study.db
+    study_name: str | None = None  # default: the run name
+    sampler: Literal["tpe", "random"] = "tpe"
+    n_trials: int = Field(default=30, ge=1)  # total finished trials wanted; resume runs the rest
+    timeout: float | None = Field(default=None, gt=0)  # seconds for this invocation
+    seed: int = 0
+
+
+class RunConfig(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    models: list[ModelSpec] = Field(min_length=1)
+    merge: MergeSpec = MergeSpec()
+    eval: EvalSpec = EvalSpec()
+    study: StudySpec = StudySpec()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    out: str | None = None  # run folder; default runs/<name>
+    # Folder the config was read from: relative model paths resolve against it.
+    base_dir: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique but got {dupes} more than once")
+        return models
+
+    @model_validator(mode="after")
+    def _enough_models(self) -> RunConfig:
+        if self.merge.method == "linear" and len(self.models) < 2:
+            raise ValueError(f"a linear merge needs at least 2 models but got {len(self.models)}")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name or self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{(self.out_dir / 'study.db').resolve()}"
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    where = _field_path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{where}: required field is missing"
+    return f"{where}: {msg} (got {err['input']!r})"
+
+
+def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a config dict; any problem becomes one ConfigError naming `source` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level but got {type(data).__name__}")
+    try:
+        return RunConfig(**data, base_dir=base_dir)
+    except ValidationError as e:
+        first = _describe(e.errors()[0])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides) -> RunConfig:
+    """Read and validate a run config YAML (default: the demo config).
+
+    `overrides` are dotted keys set after reading (``study.n_trials=5``, ``device="cpu"``), so
+    CLI options go through the same validation as the file.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level but got {type(data).__name__}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: {p}: expected a mapping but got {node!r}")
+        node[leaf] = value
+    return parse_config(data, str(path), base_dir=path.resolve().parent)

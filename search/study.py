@@ -1,0 +1,179 @@
+"""The search: an Optuna study whose trials merge in memory and score on the eval suite.
+
+    suggest -> merger.apply -> suite.score -> value (+ weights, per-task scores, timings)
+
+The Optuna storage is the single source of truth: every trial keeps its derived weights and
+per-task scores as user attributes, held-out (test) re-scores are study user attributes, and
+running again with the same storage and study name resumes the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from transformers import AutoTokenizer
+
+from evaluation.suite import EvalSuite, SuiteResult
+from evaluation.tasks import load_suite
+from search.checkpoints import Checkpoint, assert_aligned, open_checkpoint, resolve_model_path
+from search.config import RunConfig
+from search.errors import MergeSearchError
+from search.merger import DTYPES, InMemoryMerger, resolve_device
+from search.space import SimplexSpace
+
+log = logging.getLogger(__name__)
+
+TEST_ATTR = "test/"  # study user attr prefix: "test/<trial number>" -> held-out re-score
+MERGE_ATTR = "merge"  # study user attr: method, normalize, dtype, model name -> absolute path
+
+
+def source_path(path: str, base_dir: Path | None) -> Path:
+    """A model path from the config: `demo:<name>` (built on first use), a folder, or a cached hub id."""
+    if path.startswith("demo:"):
+        from search.demo import MODEL_NAMES, ensure_demo_family
+
+        name = path.removeprefix("demo:")
+        if name not in (*MODEL_NAMES, "base"):
+            raise MergeSearchError(f"unknown demo model {path!r}; the demo family has base, {', '.join(MODEL_NAMES)}")
+        return ensure_demo_family()[name]
+    return resolve_model_path(path, base_dir)
+
+
+def open_sources(cfg: RunConfig) -> list[Checkpoint]:
+    """Open every model of the config and check they can be merged (AlignmentError if not)."""
+    ckpts = [open_checkpoint(m.name, source_path(m.path, cfg.base_dir)) for m in cfg.models]
+    assert_aligned(ckpts)
+    return ckpts
+
+
+def create_study(cfg: RunConfig, n_existing_hint: int = 0) -> optuna.Study:
+    """Create or load the study named in `cfg` (resume = load)."""
+    storage: str | optuna.storages.BaseStorage = cfg.storage_url
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if cfg.study.sampler == "tpe":
+        # Offset the seed by the trials already stored so a resumed study does not replay its
+        # first proposals.
+        sampler = optuna.samplers.TPESampler(seed=cfg.study.seed + n_existing_hint, multivariate=True)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.study.seed + n_existing_hint)
+    return optuna.create_study(
+        storage=storage, study_name=cfg.study_name, direction="maximize",
+        sampler=sampler, load_if_exists=True,
+    )
+
+
+def load_existing_study(storage: str, study_name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise MergeSearchError(
+            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or '(none)'}"
+        ) from None
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+@dataclass
+class Searcher:
+    """Everything a trial needs, built once: sources, the merger, the tokenized suites."""
+
+    cfg: RunConfig
+    sources: list[Checkpoint]
+    merger: InMemoryMerger
+    space: SimplexSpace
+    search_suite: EvalSuite
+    test_suite: EvalSuite | None
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> Searcher:
+        sources = open_sources(cfg)
+        device = resolve_device(cfg.device)
+        t0 = time.perf_counter()
+        merger = InMemoryMerger(sources, device=device, dtype=DTYPES[cfg.dtype], normalize=cfg.merge.normalize)
+        log.info("loaded %d sources (%d parameters each) on %s in %.1fs",
+                 len(sources), merger.numel, device, time.perf_counter() - t0)
+        tokenizer = AutoTokenizer.from_pretrained(sources[0].path)
+        suite = load_suite(cfg.eval.suite)
+        kw = dict(batch_size=cfg.eval.batch_size, device=device)
+        search_suite = EvalSuite(suite, tokenizer, cfg.eval.search_split, **kw)
+        test_suite = EvalSuite(suite, tokenizer, cfg.eval.test_split, **kw) if cfg.eval.test_split else None
+        space = SimplexSpace([m.name for m in cfg.models])
+        return cls(cfg, sources, merger, space, search_suite, test_suite)
+
+    def evaluate(self, weights: list[float], suite: EvalSuite) -> SuiteResult:
+        self.merger.apply(weights)
+        return suite.score(self.merger.model)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        weights = self.space.suggest(trial)
+        t0 = time.perf_counter()
+        self.merger.apply(weights)
+        t1 = time.perf_counter()
+        result = self.search_suite.score(self.merger.model)
+        t2 = time.perf_counter()
+        names = self.space.model_names
+        trial.set_user_attr("weights", dict(zip(names, self.merger.effective_weights(weights))))
+        trial.set_user_attr("scores", result.tasks)
+        trial.set_user_attr("timing", {"merge_s": t1 - t0, "eval_s": t2 - t1})
+        return result.score
+
+    def enqueue_baselines(self, study: optuna.Study) -> None:
+        """Each source alone and the uniform average, unless already in the study."""
+        have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
+        for label, weights in self.space.baselines():
+            if label not in have:
+                study.enqueue_trial(self.space.params_from_weights(weights), user_attrs={"label": label})
+
+    def rescore_test(self, study: optuna.Study) -> None:
+        """Re-score the baselines and the top candidates on the held-out split."""
+        if self.test_suite is None:
+            return
+        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        top = sorted(done, key=lambda t: -t.value)[: self.cfg.eval.rescore_top]
+        chosen = {t.number: t for t in done if t.user_attrs.get("label")} | {t.number: t for t in top}
+        for number, t in sorted(chosen.items()):
+            weights = [t.user_attrs["weights"][n] for n in self.space.model_names]
+            result = self.evaluate(weights, self.test_suite)
+            study.set_user_attr(f"{TEST_ATTR}{number}", {"split": self.cfg.eval.test_split, **result.as_dict()})
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def run_search(
+    cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
+) -> optuna.Study:
+    """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials."""
+    probe = create_study(cfg)
+    n_existing = len(probe.trials)
+    study = create_study(cfg, n_existing_hint=n_existing) if n_existing else probe
+    remaining = cfg.study.n_trials - len(finished(study))
+    searcher = Searcher.build(cfg)
+    try:
+        study.set_user_attr(MERGE_ATTR, {
+            "method": cfg.merge.method, "normalize": cfg.merge.normalize, "dtype": cfg.dtype,
+            "models": {m.name: str(s.path.resolve()) for m, s in zip(cfg.models, searcher.sources)},
+        })
+        searcher.enqueue_baselines(study)
+        if remaining > 0:
+            log.info("study %r: %d finished trials, running %d more", cfg.study_name,
+                     cfg.study.n_trials - remaining, remaining)
+            callbacks = [on_trial] if on_trial else []
+            study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks)
+        else:
+            log.info("study %r already has %d finished trials: nothing to run", cfg.study_name, len(finished(study)))
+        searcher.rescore_test(study)
+    finally:
+        searcher.close()
+    return study
