@@ -1,0 +1,134 @@
+"""The search end to end on tiny models: outputs, baselines, resume, export, CLI exit codes."""
+
+import csv
+import json
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from search.cli import main
+from search.config import load_config
+from search.report import leaderboard_rows
+from search.study import TEST_ATTR, run_search
+from tiny import make_family
+
+ITEMS = [
+    {"id": f"q{i}", "question": q, "choices": c, "answer": a}
+    for i, (q, c, a) in enumerate([
+        ("一是？", ["大", "小"], 0), ("二是？", ["小", "大"], 1), ("三是？", ["大大", "小"], 0),
+        ("四是？", ["一", "二", "三"], 2), ("五是？", ["是", "的"], 0), ("六是？", ["七", "八"], 1),
+    ])
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    paths = make_family(root / "models", n=3)
+    suite = root / "suite"
+    suite.mkdir()
+    for split, items in (("dev", ITEMS[:4]), ("test", ITEMS[2:])):
+        (suite / f"c.{split}.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in items))
+    (suite / "suite.yaml").write_text("name: s\ntasks:\n  - {name: c, kind: choice, data: {dev: c.dev.jsonl, test: c.test.jsonl}}\n")
+    cfg = {
+        "name": "tiny",
+        "models": [{"name": f"m{i}", "path": str(p)} for i, p in enumerate(paths)],
+        "eval": {"suite": str(suite), "rescore_top": 2, "batch_size": 4},
+        "study": {"n_trials": 6, "seed": 0},
+        "device": "cpu",
+        "out": str(root / "run"),
+    }
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config, paths, root
+
+
+def test_run_writes_outputs_and_resumes(setup):
+    config, paths, root = setup
+    result = CliRunner().invoke(main, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    out = root / "run"
+    for name in ("study.db", "best.yaml", "best.json", "leaderboard.md", "leaderboard.csv"):
+        assert (out / name).is_file(), name
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 6
+    labels = [t.user_attrs.get("label") for t in study.trials[:4]]
+    assert labels == ["m0", "m1", "m2", "uniform"]  # baselines first
+    weights = [list(t.user_attrs["weights"].values()) for t in study.trials[:4]]
+    assert weights[:3] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert weights[3] == pytest.approx([1 / 3] * 3)
+    for t in study.trials:
+        assert set(t.user_attrs["scores"]["c"]) == {"acc", "acc_norm"}
+        assert t.value == t.user_attrs["scores"]["c"]["acc"]
+        assert sum(t.user_attrs["weights"].values()) == pytest.approx(1.0)
+
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert list(rows[0])[:8] == ["rank", "trial", "label", "dev_score", "test_score", "w:m0", "w:m1", "w:m2"]
+    assert {"m0", "m1", "m2", "uniform"} <= {r["label"] for r in rows}
+    assert float(rows[0]["dev_score"]) >= max(float(r["dev_score"]) for r in rows)
+    # baselines and the top 2 are re-scored on test
+    for r in rows:
+        is_baseline = r["label"] in ("m0", "m1", "m2", "uniform")
+        if is_baseline or int(r["rank"]) <= 2:
+            assert r["test_score"] != "", r
+    best = json.loads((out / "best.json").read_text())
+    assert best["dev_score"] == float(rows[0]["dev_score"])
+    assert best["test_score"] == study.user_attrs[f"{TEST_ATTR}{best['trial']}"]["score"]
+
+    exported = yaml.safe_load((out / "best.yaml").read_text())
+    assert exported["merge_method"] == "linear" and exported["parameters"] == {"normalize": True}
+    assert [m["model"] for m in exported["models"]] == [str(p.resolve()) for p in paths]
+    assert [m["parameters"]["weight"] for m in exported["models"]] == list(best["weights"].values())
+
+    # the same command again: nothing to run; more trials: resumes, keeping the first six
+    params_before = [t.params for t in study.trials]
+    assert CliRunner().invoke(main, ["run", str(config)]).exit_code == 0
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}").trials) == 6
+    assert CliRunner().invoke(main, ["run", str(config), "--trials", "8"]).exit_code == 0
+    study2 = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study2.trials) == 8
+    assert [t.params for t in study2.trials[:6]] == params_before
+
+
+def test_mergekit_accepts_the_exported_config(setup):
+    mergekit_config = pytest.importorskip("mergekit.config")
+    config, _, root = setup
+    if not (root / "run" / "best.yaml").exists():
+        run_search(load_config(config))
+    runner = CliRunner()
+    out = root / "exported.yaml"
+    result = runner.invoke(main, ["export", str(root / "run"), "--trial", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    parsed = mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(out.read_text()))
+    assert parsed.merge_method == "linear"
+    assert [m.parameters["weight"] for m in parsed.models] == pytest.approx([1 / 3] * 3)
+
+
+def test_leaderboard_command_formats(setup):
+    config, _, root = setup
+    runner = CliRunner()
+    md = runner.invoke(main, ["leaderboard", str(root / "run")])
+    assert md.exit_code == 0 and md.output.startswith("| rank | trial | label | dev_score | test_score |")
+    js = json.loads(runner.invoke(main, ["leaderboard", str(root / "run"), "--format", "json"]).output)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    assert js == json.loads(json.dumps(leaderboard_rows(study)))
+
+
+def test_bad_input_exits_2_with_one_line(setup, tmp_path):
+    config, paths, root = setup
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("n_trials", "n_trails"))
+    r = runner.invoke(main, ["run", str(bad)])
+    assert r.exit_code == 2 and r.output.strip() == f"error: {bad}: study.n_trails: unknown key"
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(config.read_text().replace(str(paths[1]), str(tmp_path / "nowhere")))
+    r = runner.invoke(main, ["check", str(missing)])
+    assert r.exit_code == 2 and "nowhere" in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "x.yaml")])
+    assert r.exit_code == 2 and "not a run folder" in r.output
+    r = runner.invoke(main, ["export", str(root / "run"), "--trial", "99", "-o", str(tmp_path / "x.yaml")])
+    assert r.exit_code == 2 and "trial 99 is not a completed trial" in r.output
