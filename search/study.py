@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,21 +52,37 @@ def open_sources(cfg: RunConfig) -> list[Checkpoint]:
     return ckpts
 
 
-def create_study(cfg: RunConfig, n_existing_hint: int = 0) -> optuna.Study:
-    """Create or load the study named in `cfg` (resume = load)."""
-    storage: str | optuna.storages.BaseStorage = cfg.storage_url
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def make_sampler(cfg: RunConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
+    # Offset the seed by the trials already stored so a resumed study does not replay its first
+    # proposals.
     if cfg.study.sampler == "tpe":
-        # Offset the seed by the trials already stored so a resumed study does not replay its
-        # first proposals.
-        sampler = optuna.samplers.TPESampler(seed=cfg.study.seed + n_existing_hint, multivariate=True)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=cfg.study.seed + n_existing_hint)
-    return optuna.create_study(
+        return optuna.samplers.TPESampler(seed=cfg.study.seed + n_existing, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=cfg.study.seed + n_existing)
+
+
+def create_study(cfg: RunConfig) -> optuna.Study:
+    """Create or load the study named in `cfg` (resume = load)."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage: str | optuna.storages.BaseStorage = url
+    if url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+        # A worker that dies leaves its trial RUNNING; with heartbeats, the next worker marks it
+        # failed after the grace period and re-queues its parameters once.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+                retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            else:
+                retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
+    study = optuna.create_study(
         storage=storage, study_name=cfg.study_name, direction="maximize",
-        sampler=sampler, load_if_exists=True,
+        sampler=make_sampler(cfg), load_if_exists=True,
     )
+    if study.trials:
+        study.sampler = make_sampler(cfg, len(study.trials))
+    return study
 
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
@@ -155,16 +172,22 @@ def run_search(
     cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
 ) -> optuna.Study:
     """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials."""
-    probe = create_study(cfg)
-    n_existing = len(probe.trials)
-    study = create_study(cfg, n_existing_hint=n_existing) if n_existing else probe
+    study = create_study(cfg)
     remaining = cfg.study.n_trials - len(finished(study))
     searcher = Searcher.build(cfg)
     try:
-        study.set_user_attr(MERGE_ATTR, {
+        merge = {
             "method": cfg.merge.method, "normalize": cfg.merge.normalize, "dtype": cfg.dtype,
             "models": {m.name: str(s.path.resolve()) for m, s in zip(cfg.models, searcher.sources)},
-        })
+        }
+        before = study.user_attrs.get(MERGE_ATTR)
+        if before and (list(before["models"]), before["method"]) != (list(merge["models"]), merge["method"]):
+            raise MergeSearchError(
+                f"study {cfg.study_name!r} in {cfg.storage_url} was run with models {list(before['models'])} "
+                f"({before['method']}); this config has {list(merge['models'])} ({merge['method']}): "
+                "use another --study-name"
+            )
+        study.set_user_attr(MERGE_ATTR, merge)
         searcher.enqueue_baselines(study)
         if remaining > 0:
             log.info("study %r: %d finished trials, running %d more", cfg.study_name,
