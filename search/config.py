@@ -22,7 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class ModelSpec(_Model):
@@ -30,9 +30,32 @@ class ModelSpec(_Model):
     path: str = Field(min_length=1)  # local folder, hub id already cached, or demo:<name>
 
 
+Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+_NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
 class MergeSpec(_Model):
-    method: Literal["linear"] = "linear"
-    normalize: bool = True  # as mergekit: divide by the sum of the weights
+    method: Method = "linear"
+    base_model: str | None = None  # the model the variants were tuned from (task-vector methods)
+    normalize: bool | None = None  # divide by the sum of the weights; null = the method's default
+    granularity: int = Field(default=0, ge=0)  # 0: one weight set; K: one per group of K layers
+    filters: list[str] = []  # substrings (self_attn, mlp, ...) with weight sets of their own
+    weight_range: tuple[float, float] = (0.0, 1.0)  # searched weights, methods that don't normalize
+    density_range: tuple[float, float] = (0.1, 1.0)  # searched densities, ties and dare_*
+    lambda_: float = Field(default=1.0, alias="lambda")  # task-vector scale (fixed)
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        if self.method in _NEEDS_BASE and not self.base_model:
+            raise ValueError(f"method {self.method} needs base_model (the model the variants were fine-tuned from)")
+        lo, hi = self.density_range
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"density_range must satisfy 0 < low <= high <= 1 but got {list(self.density_range)}")
+        if self.weight_range[0] > self.weight_range[1]:
+            raise ValueError(f"weight_range must be [low, high] with low <= high but got {list(self.weight_range)}")
+        if len(set(self.filters)) != len(self.filters) or not all(self.filters):
+            raise ValueError(f"filters must be distinct non-empty strings but got {self.filters}")
+        return self
 
 
 class EvalSpec(_Model):
@@ -75,8 +98,10 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _enough_models(self) -> RunConfig:
-        if self.merge.method == "linear" and len(self.models) < 2:
-            raise ValueError(f"a linear merge needs at least 2 models but got {len(self.models)}")
+        if len(self.models) < 2:
+            raise ValueError(f"a merge needs at least 2 models but got {len(self.models)}")
+        if self.merge.method == "slerp" and len(self.models) != 2:
+            raise ValueError(f"slerp merges exactly 2 models but got {len(self.models)}")
         return self
 
     @property

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import optuna
 
-from search.export import linear_config, to_yaml
-from search.study import MERGE_ATTR, TEST_ATTR
+from search.export import to_yaml
+from search.study import TEST_ATTR
 
 FORMATS = ("md", "csv", "json")
 
@@ -97,12 +97,9 @@ def leaderboard_trial(study: optuna.Study, which: str | int) -> optuna.trial.Fro
     return done[int(which)]
 
 
-def trial_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-    """The mergekit config that reproduces `trial`'s candidate (merge settings stored by the run)."""
-    merge = study.user_attrs[MERGE_ATTR]
-    weights = trial.user_attrs["weights"]
-    paths = [merge["models"][n] for n in weights]
-    return linear_config(paths, list(weights.values()), normalize=merge["normalize"], dtype=merge["dtype"])
+def trial_config(trial: optuna.trial.FrozenTrial) -> dict:
+    """The mergekit config of `trial`'s candidate: exactly what was merged and scored."""
+    return trial.user_attrs["merge_config"]
 
 
 def _write(path: Path, text: str) -> None:
@@ -129,7 +126,7 @@ def write_outputs(study: optuna.Study, out_dir: Path) -> dict:
         "dev_tasks": best.user_attrs.get("scores"),
         "test_tasks": test["tasks"] if test else None,
     }
-    _write(out_dir / "best.yaml", to_yaml(trial_config(study, best)))
+    _write(out_dir / "best.yaml", to_yaml(trial_config(best)))
     _write(out_dir / "best.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     _write(out_dir / "leaderboard.md", to_markdown(rows))
     _write(out_dir / "leaderboard.csv", to_csv(rows))

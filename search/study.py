@@ -25,12 +25,16 @@ from search.checkpoints import Checkpoint, assert_aligned, open_checkpoint, reso
 from search.config import RunConfig
 from search.errors import MergeSearchError
 from search.merger import DTYPES, InMemoryMerger, resolve_device
-from search.space import SimplexSpace
+from search.space import MergeSpace
 
 log = logging.getLogger(__name__)
 
 TEST_ATTR = "test/"  # study user attr prefix: "test/<trial number>" -> held-out re-score
-MERGE_ATTR = "merge"  # study user attr: method, normalize, dtype, model name -> absolute path
+MERGE_ATTR = "merge"  # study user attr: the merge setup (models, method, space), checked on resume
+
+
+# Methods whose base is a model of its own (slerp's base is one of its two models).
+NEEDS_BASE_ROW = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 def source_path(path: str, base_dir: Path | None) -> Path:
@@ -45,11 +49,14 @@ def source_path(path: str, base_dir: Path | None) -> Path:
     return resolve_model_path(path, base_dir)
 
 
-def open_sources(cfg: RunConfig) -> list[Checkpoint]:
-    """Open every model of the config and check they can be merged (AlignmentError if not)."""
+def open_sources(cfg: RunConfig) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Open every model of the config (and the base) and check they can be merged."""
     ckpts = [open_checkpoint(m.name, source_path(m.path, cfg.base_dir)) for m in cfg.models]
-    assert_aligned(ckpts)
-    return ckpts
+    base = None
+    if cfg.merge.base_model and cfg.merge.method in NEEDS_BASE_ROW:
+        base = open_checkpoint("base", source_path(cfg.merge.base_model, cfg.base_dir))
+    assert_aligned(ckpts + ([base] if base else []))
+    return ckpts, base
 
 
 def make_sampler(cfg: RunConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
@@ -107,39 +114,46 @@ class Searcher:
     cfg: RunConfig
     sources: list[Checkpoint]
     merger: InMemoryMerger
-    space: SimplexSpace
+    space: MergeSpace
     search_suite: EvalSuite
     test_suite: EvalSuite | None
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Searcher:
-        sources = open_sources(cfg)
+        sources, base = open_sources(cfg)
         device = resolve_device(cfg.device)
         t0 = time.perf_counter()
-        merger = InMemoryMerger(sources, device=device, dtype=DTYPES[cfg.dtype], normalize=cfg.merge.normalize)
+        merger = InMemoryMerger(sources, base=base, device=device, dtype=DTYPES[cfg.dtype])
         log.info("loaded %d sources (%d parameters each) on %s in %.1fs",
-                 len(sources), merger.numel, device, time.perf_counter() - t0)
+                 len(merger.keys), merger.numel, device, time.perf_counter() - t0)
+        m = cfg.merge
+        space = MergeSpace(
+            m.method, {spec.name: str(ck.path.resolve()) for spec, ck in zip(cfg.models, sources)},
+            base=str(base.path.resolve()) if base else None, normalize=m.normalize, granularity=m.granularity,
+            filters=m.filters, weight_range=m.weight_range, density_range=m.density_range, lambda_=m.lambda_,
+            num_layers=merger.num_layers, dtype=cfg.dtype,
+        )
         tokenizer = AutoTokenizer.from_pretrained(sources[0].path)
         suite = load_suite(cfg.eval.suite)
         kw = dict(batch_size=cfg.eval.batch_size, device=device)
         search_suite = EvalSuite(suite, tokenizer, cfg.eval.search_split, **kw)
         test_suite = EvalSuite(suite, tokenizer, cfg.eval.test_split, **kw) if cfg.eval.test_split else None
-        space = SimplexSpace([m.name for m in cfg.models])
-        return cls(cfg, sources, merger, space, search_suite, test_suite)
+        return cls(cfg, sources + ([base] if base else []), merger, space, search_suite, test_suite)
 
-    def evaluate(self, weights: list[float], suite: EvalSuite) -> SuiteResult:
-        self.merger.apply(weights)
+    def evaluate(self, merge_config: dict, suite: EvalSuite) -> SuiteResult:
+        self.merger.apply(merge_config)
         return suite.score(self.merger.model)
 
     def objective(self, trial: optuna.Trial) -> float:
-        weights = self.space.suggest(trial)
+        values = self.space.suggest(trial)
+        config = self.space.to_config(values)
         t0 = time.perf_counter()
-        self.merger.apply(weights)
+        self.merger.apply(config)
         t1 = time.perf_counter()
         result = self.search_suite.score(self.merger.model)
         t2 = time.perf_counter()
-        names = self.space.model_names
-        trial.set_user_attr("weights", dict(zip(names, self.merger.effective_weights(weights))))
+        trial.set_user_attr("weights", self.space.summary(values))
+        trial.set_user_attr("merge_config", config)
         trial.set_user_attr("scores", result.tasks)
         trial.set_user_attr("timing", {"merge_s": t1 - t0, "eval_s": t2 - t1})
         return result.score
@@ -147,9 +161,9 @@ class Searcher:
     def enqueue_baselines(self, study: optuna.Study) -> None:
         """Each source alone and the uniform average, unless already in the study."""
         have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
-        for label, weights in self.space.baselines():
+        for label, values in self.space.baselines():
             if label not in have:
-                study.enqueue_trial(self.space.params_from_weights(weights), user_attrs={"label": label})
+                study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
 
     def rescore_test(self, study: optuna.Study) -> None:
         """Re-score the baselines and the top candidates on the held-out split."""
@@ -159,8 +173,9 @@ class Searcher:
         top = sorted(done, key=lambda t: -t.value)[: self.cfg.eval.rescore_top]
         chosen = {t.number: t for t in done if t.user_attrs.get("label")} | {t.number: t for t in top}
         for number, t in sorted(chosen.items()):
-            weights = [t.user_attrs["weights"][n] for n in self.space.model_names]
-            result = self.evaluate(weights, self.test_suite)
+            if f"{TEST_ATTR}{number}" in study.user_attrs:
+                continue  # a trial's candidate never changes: scored once, kept across resumes
+            result = self.evaluate(t.user_attrs["merge_config"], self.test_suite)
             study.set_user_attr(f"{TEST_ATTR}{number}", {"split": self.cfg.eval.test_split, **result.as_dict()})
 
     def close(self) -> None:
@@ -176,16 +191,14 @@ def run_search(
     remaining = cfg.study.n_trials - len(finished(study))
     searcher = Searcher.build(cfg)
     try:
-        merge = {
-            "method": cfg.merge.method, "normalize": cfg.merge.normalize, "dtype": cfg.dtype,
-            "models": {m.name: str(s.path.resolve()) for m, s in zip(cfg.models, searcher.sources)},
-        }
+        merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
+                 **cfg.merge.model_dump(mode="json", by_alias=True, exclude={"base_model"})}
         before = study.user_attrs.get(MERGE_ATTR)
-        if before and (list(before["models"]), before["method"]) != (list(merge["models"]), merge["method"]):
+        if before and before != merge:
+            changed = sorted(k for k in set(before) | set(merge) if before.get(k) != merge.get(k))
             raise MergeSearchError(
-                f"study {cfg.study_name!r} in {cfg.storage_url} was run with models {list(before['models'])} "
-                f"({before['method']}); this config has {list(merge['models'])} ({merge['method']}): "
-                "use another --study-name"
+                f"study {cfg.study_name!r} in {cfg.storage_url} was run with another merge setup "
+                f"({', '.join(changed)} differ): use another --study-name"
             )
         study.set_user_attr(MERGE_ATTR, merge)
         searcher.enqueue_baselines(study)

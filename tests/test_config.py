@@ -24,7 +24,7 @@ def _write(tmp_path, text) -> Path:
 
 def test_defaults_and_derived_paths(tmp_path):
     cfg = load_config(_write(tmp_path, GOOD))
-    assert cfg.merge.method == "linear" and cfg.merge.normalize
+    assert cfg.merge.method == "linear" and cfg.merge.normalize is None  # the method's default (true)
     assert cfg.study.n_trials == 5 and cfg.study.sampler == "tpe"
     assert cfg.out_dir == Path("runs/t") and cfg.study_name == "t"
     assert cfg.storage_url == f"sqlite:///{(Path('runs/t') / 'study.db').resolve()}"
@@ -82,3 +82,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"run\.yaml: line \d+ not valid YAML"):
         load_config(_write(tmp_path, "name: [unclosed\n"))
+
+
+def test_merge_method_rules(tmp_path):
+    p = _write(tmp_path, GOOD + "merge: {method: ties}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: merge: method ties needs base_model"):
+        load_config(p)
+    p = _write(tmp_path, GOOD + "merge: {method: slerp}\n")
+    assert load_config(p).merge.method == "slerp"
+    three = GOOD.replace("  - {name: b, path: /abs/b}", "  - {name: b, path: /abs/b}\n  - {name: c, path: /abs/c}")
+    with pytest.raises(ConfigError, match="slerp merges exactly 2 models but got 3"):
+        load_config(_write(tmp_path, three + "merge: {method: slerp}\n"))
+    with pytest.raises(ConfigError, match=r"merge: density_range must satisfy 0 < low <= high <= 1 but got \[0\.5, 1\.5\]"):
+        load_config(_write(tmp_path, GOOD + "merge: {method: ties, base_model: /b, density_range: [0.5, 1.5]}\n"))
+    cfg = load_config(_write(tmp_path, GOOD + "merge: {method: task_arithmetic, base_model: /b, lambda: 0.8, granularity: 2}\n"))
+    assert cfg.merge.lambda_ == 0.8 and cfg.merge.granularity == 2

@@ -1,35 +1,35 @@
-"""SimplexSpace: stick-breaking weights, its inverse, baselines."""
+"""MergeSpace: stick-breaking weights, cells for layer groups and filters, configs, baselines."""
 
 import optuna
 import pytest
 
 from search.errors import MergeSearchError
-from search.space import SimplexSpace
+from search.mergeconfig import parse_merge_config, resolve
+from search.space import MergeSpace, simplex_from_sticks, sticks_from_simplex
+
+MODELS = {"a": "/m/a", "b": "/m/b", "c": "/m/c"}
 
 
 @pytest.mark.parametrize("weights", [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3] * 3, [0.2, 0.5, 0.3], [0.7, 0.0, 0.3]])
-def test_params_round_trip(weights):
-    space = SimplexSpace(["a", "b", "c"])
-    params = space.params_from_weights(weights)
-    assert all(0.0 <= v <= 1.0 for v in params.values())
-    assert space.weights_from_params(params) == pytest.approx(weights, abs=1e-12)
+def test_sticks_round_trip(weights):
+    sticks = sticks_from_simplex(weights)
+    assert all(0.0 <= v <= 1.0 for v in sticks)
+    assert simplex_from_sticks(sticks) == pytest.approx(weights, abs=1e-12)
 
 
-def test_uniform_params_give_the_closed_form_weights():
-    space = SimplexSpace(["a", "b", "c"])
+def test_uniform_sticks_give_the_closed_form_weights():
     # Beta(1,2) inverse CDF at 5/9 is 1/3; Beta(1,1) at 1/2 is 1/2 of what is left.
-    assert space.weights_from_params({"stick_0": 5 / 9, "stick_1": 0.5}) == pytest.approx([1 / 3] * 3)
-    assert space.params_from_weights([1 / 3] * 3) == pytest.approx({"stick_0": 5 / 9, "stick_1": 0.5})
+    assert simplex_from_sticks([5 / 9, 0.5]) == pytest.approx([1 / 3] * 3)
+    assert sticks_from_simplex([1 / 3] * 3) == pytest.approx([5 / 9, 0.5])
 
 
 def test_uniform_parameters_cover_the_simplex_evenly():
-    space = SimplexSpace(["a", "b", "c", "d"])
-    sampler = optuna.samplers.RandomSampler(seed=0)
-    study = optuna.create_study(sampler=sampler)
+    space = MergeSpace("linear", {"a": "a", "b": "b", "c": "c", "d": "d"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     firsts, lasts = [], []
     for _ in range(4000):
         t = study.ask()
-        w = space.suggest(t)
+        w = space.suggest(t)["g0.rest"]["weight"]
         assert sum(w) == pytest.approx(1.0) and min(w) >= 0
         firsts.append(w[0])
         lasts.append(w[-1])
@@ -39,13 +39,67 @@ def test_uniform_parameters_cover_the_simplex_evenly():
     assert sum(lasts) / len(lasts) == pytest.approx(0.25, abs=0.015)
 
 
-def test_baselines_are_each_source_then_uniform():
-    space = SimplexSpace(["x", "y"])
-    assert space.baselines() == [("x", [1.0, 0.0]), ("y", [0.0, 1.0]), ("uniform", [0.5, 0.5])]
+def test_global_linear_config_and_baselines():
+    space = MergeSpace("linear", MODELS)
+    labels = [label for label, _ in space.baselines()]
+    assert labels == ["a", "b", "c", "uniform"]
+    config = space.to_config(dict(space.baselines())["b"])
+    assert config == {
+        "merge_method": "linear",
+        "models": [{"model": "/m/a", "parameters": {"weight": 0.0}}, {"model": "/m/b", "parameters": {"weight": 1.0}},
+                   {"model": "/m/c", "parameters": {"weight": 0.0}}],
+        "parameters": {"normalize": True}, "dtype": "float32",
+    }
+    values = dict(space.baselines())["uniform"]
+    assert space.params_for(values) == pytest.approx({"g0.rest.stick_0": 5 / 9, "g0.rest.stick_1": 0.5})
+
+
+def test_layer_groups_and_filters_resolve_to_their_cell_values():
+    space = MergeSpace("ties", MODELS, base="/m/base", granularity=2, filters=["self_attn"], num_layers=4)
+    assert space.cells == ["g0.self_attn", "g0.rest", "g1.self_attn", "g1.rest"]
+    values = {cell: {"weight": [0.1 * (k + 1), 0.2, 0.3], "density": [0.5, 0.6, 0.7 - 0.1 * k]}
+              for k, cell in enumerate(space.cells)}
+    cfg = parse_merge_config(space.to_config(values))
+    # the merge that is run resolves each tensor to its cell's values
+    for layer, group in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        for part, f in (("self_attn.q_proj", "self_attn"), ("mlp.up_proj", "rest")):
+            k = space.cells.index(f"g{group}.{f}")
+            rec = resolve(cfg, f"model.layers.{layer}.{part}.weight", 4)
+            assert rec.params[0]["weight"] == pytest.approx(values[space.cells[k]]["weight"][0])
+            assert rec.params[2]["density"] == pytest.approx(values[space.cells[k]]["density"][2])
+
+
+def test_round_trip_through_trial_params():
+    for method, kw in (("linear", {}), ("task_arithmetic", {"base": "/m/base"}), ("dare_ties", {"base": "/m/base"})):
+        space = MergeSpace(method, MODELS, granularity=1, filters=["mlp"], num_layers=2, **kw)
+        values = space.suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask())
+        study = optuna.create_study()
+        study.enqueue_trial(space.params_for(values))
+        again = space.suggest(study.ask())
+        for cell in values:
+            for key in values[cell]:
+                assert again[cell][key] == pytest.approx(values[cell][key], abs=1e-12), (method, cell, key)
+
+
+def test_slerp_space():
+    space = MergeSpace("slerp", {"a": "/m/a", "b": "/m/b"})
+    baselines = dict(space.baselines())
+    assert space.summary(baselines["a"]) == {"a": 1.0, "b": 0.0}
+    config = space.to_config(baselines["uniform"])
+    assert config["base_model"] == "/m/a" and config["parameters"] == {"t": 0.5}
+    assert config["models"] == [{"model": "/m/a"}, {"model": "/m/b"}]
 
 
 def test_bad_inputs():
     with pytest.raises(MergeSearchError, match="at least 2 models but got 1"):
-        SimplexSpace(["only"])
+        MergeSpace("linear", {"a": "a"})
+    with pytest.raises(MergeSearchError, match="ties needs a base model"):
+        MergeSpace("ties", MODELS)
+    with pytest.raises(MergeSearchError, match="slerp merges exactly 2 models but got 3"):
+        MergeSpace("slerp", MODELS)
+    with pytest.raises(MergeSearchError, match="granularity must divide the layer count 4 but got 3"):
+        MergeSpace("linear", MODELS, granularity=3, num_layers=4)
+    with pytest.raises(MergeSearchError, match="unknown merge method 'average'; known: linear"):
+        MergeSpace("average", MODELS)
     with pytest.raises(MergeSearchError, match="positive sum"):
-        SimplexSpace(["a", "b"]).params_from_weights([0, 0])
+        sticks_from_simplex([0, 0])

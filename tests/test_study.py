@@ -5,6 +5,7 @@ import json
 
 import optuna
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -132,3 +133,34 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path):
     assert r.exit_code == 2 and "not a run folder" in r.output
     r = runner.invoke(main, ["export", str(root / "run"), "--trial", "99", "-o", str(tmp_path / "x.yaml")])
     assert r.exit_code == 2 and "trial 99 is not a completed trial" in r.output
+
+
+def test_a_ties_search_with_layer_groups_exports_exactly_the_scored_candidate(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from search.checkpoints import open_checkpoint
+    from search.merger import InMemoryMerger
+    from tiny import save_tiny_model
+
+    config, paths, root = setup
+    base = save_tiny_model(tmp_path / "base", seed=42)
+    data = yaml.safe_load(config.read_text())
+    data.update(name="tiny-ties", out=str(tmp_path / "run"),
+                merge={"method": "ties", "base_model": str(base), "granularity": 1, "filters": ["mlp"]})
+    data["study"]["n_trials"] = 5
+    cfg_path = tmp_path / "ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(cfg_path)]).exit_code == 0
+    best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
+    assert best["merge_method"] == "ties" and best["base_model"] == str(base.resolve())
+    weight = best["models"][0]["parameters"]["weight"]
+    assert [e.get("filter") for e in weight] == ["mlp", None] and len(weight[0]["value"]) == 2  # per layer
+    r = runner.invoke(main, ["merge", str(tmp_path / "run" / "best.yaml"), "-o", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    merger = InMemoryMerger([open_checkpoint(f"m{i}", p) for i, p in enumerate(paths)],
+                            base=open_checkpoint("base", base))
+    merger.apply(best)
+    written = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    live = merger.model.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in written.items())
