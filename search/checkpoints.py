@@ -59,6 +59,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype | str
     shape: tuple[int, ...]
+    start: int = -1  # absolute byte offset of the data in `file` (-1: unknown)
 
 
 class Checkpoint:
@@ -87,6 +88,30 @@ class Checkpoint:
         # On CPU, safetensors returns a view of its copy-on-write memory map that later reads of
         # the same handle share: an in-place edit by the caller would leak into them. Copy.
         return tensor.clone() if tensor.device.type == "cpu" else tensor
+
+    def read_into(self, tensor_name: str, dest: torch.Tensor) -> None:
+        """Read `tensor_name` into the flat `dest` (numel must match; dtype converted if needed).
+
+        Same dtype into contiguous CPU memory: read straight from the file into `dest`, with no
+        memory map and no intermediate copy, so loading N sources peaks at the rows themselves.
+        """
+        info = self.tensors.get(tensor_name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {tensor_name!r}")
+        direct = (info.dtype == dest.dtype and info.start >= 0 and dest.device.type == "cpu"
+                  and dest.is_contiguous() and math.prod(info.shape) == dest.numel())
+        if not direct:
+            dest.copy_(self.read(tensor_name).reshape(-1))
+            return
+        raw = dest.view(torch.uint8).numpy()
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.start)
+                got = f.readinto(raw)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {tensor_name} ({e})") from e
+        if got != raw.nbytes:
+            raise CheckpointError(f"{info.file}: tensor {tensor_name} is truncated ({got} of {raw.nbytes} bytes)")
 
     def close(self) -> None:
         """Release the open file handles (memory maps); `read` reopens them if called again."""
@@ -238,7 +263,7 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     except (_Corrupt, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from e
     entries.sort(key=lambda e: e[3])  # storage order
-    return {name: TensorInfo(file, dtype, shape) for name, dtype, shape, _ in entries}
+    return {name: TensorInfo(file, dtype, shape, 8 + n + begin) for name, dtype, shape, begin in entries}
 
 
 def _parse_entry(name: str, entry, data_len: int) -> tuple[torch.dtype | str, tuple[int, ...], int]:

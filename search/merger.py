@@ -172,13 +172,14 @@ class InMemoryMerger:
             raise CheckpointError(
                 f"{ckpt.path}: {len(missing)} tensors the model needs are missing, e.g. {missing[0]}")
         for s in self.segments:
-            t = ckpt.read(s.name)
-            if tuple(t.shape) != s.shape:
+            shape = ckpt.tensors[s.name].shape
+            if tuple(shape) != s.shape:
                 raise CheckpointError(
-                    f"tensor {s.name}: shape {tuple(t.shape)} in {ckpt.path} but the model config asks for {s.shape}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    f"tensor {s.name}: shape {tuple(shape)} in {ckpt.path} but the model config asks for {s.shape}")
+            dest = self.buffer[row, s.offset : s.offset + s.numel]
+            ckpt.read_into(s.name, dest)
+            if not bool(torch.isfinite(dest).all()):
                 raise CheckpointError(f"tensor {s.name} in {ckpt.path} holds NaN or inf values")
-            self.buffer[row, s.offset : s.offset + s.numel].copy_(t.reshape(-1))
 
     def _bind(self, model) -> None:
         """Replace every parameter (tied ones included) by a view into `self.out`."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -93,9 +94,31 @@ def test_single_file_reads_back_the_state_dict(family):
         assert isinstance(ck, Checkpoint) and ck.name == "inst-v1" and ck.path == family["v1"]
         assert ck.config["model_type"] == "llama" and ck.config["hidden_size"] == 16
         assert set(ck.tensors) == set(family["sd1"])
-        assert ck.tensors[UP] == TensorInfo(family["v1"] / "model.safetensors", torch.float32, (32, 16))
+        info = ck.tensors[UP]
+        assert (info.file, info.dtype, info.shape) == (family["v1"] / "model.safetensors", torch.float32, (32, 16))
+        assert info.start > 8
         for name, expected in family["sd1"].items():
             torch.testing.assert_close(ck.read(name), expected, rtol=0, atol=0)
+
+
+def test_read_into_reads_straight_from_the_file_or_converts(family, tmp_path):
+    with open_checkpoint("inst-v1", family["v1"]) as ck:
+        for name, expected in family["sd1"].items():
+            dest = torch.empty(expected.numel(), dtype=torch.float32)
+            ck.read_into(name, dest)  # same dtype: the direct path
+            assert torch.equal(dest, expected.reshape(-1))
+            half = torch.empty(expected.numel(), dtype=torch.bfloat16)
+            ck.read_into(name, half)  # converted through read()
+            assert torch.equal(half, expected.reshape(-1).to(torch.bfloat16))
+    # a file cut short after its header was read: the tensor named, not a torch error
+    cut = tmp_path / "cut"
+    shutil.copytree(family["v1"], cut)
+    with open_checkpoint("cut", cut) as ck:
+        f = cut / "model.safetensors"
+        last = max(ck.tensors, key=lambda n: ck.tensors[n].start)
+        f.write_bytes(f.read_bytes()[:-8])
+        with pytest.raises(CheckpointError, match=f"tensor {last} is truncated"):
+            ck.read_into(last, torch.empty(math.prod(ck.tensors[last].shape)))
 
 
 def test_sharded_reads_back_the_state_dict_in_shard_order(family):
