@@ -142,20 +142,23 @@ def check(config) -> None:
     from search.study import open_sources
 
     cfg = load_config(config)
-    sources = open_sources(cfg)
-    for s in sources:
+    sources, base = open_sources(cfg)
+    for s in sources + ([base] if base else []):
         click.echo(f"ok  {s.name}: {s.path} ({len(s.tensors)} tensors)")
-    click.echo(f"{len(sources)} sources aligned")
+    click.echo(f"{len(sources) + (base is not None)} models aligned")
 
 
 @main.command("eval")
 @click.argument("target", type=click.Path(exists=True))
-@click.option("--suite", help="Suite name or path (default: the config's suite, else demo).")
+@click.option("--suite", help="Suite name, suite folder/YAML, one data file (JSONL, C-Eval CSV, datasets folder) "
+              "or an lm-eval task YAML (default: the config's suite, else demo).")
 @click.option("--split", default="dev", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def eval_(target, suite, split, device, batch_size) -> None:
-    """Score one model folder, or every source of a config, and print JSON."""
+@click.option("--system", help="System prompt for tasks that set none.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Use the tokenizer's chat template.")
+def eval_(target, suite, split, device, batch_size, system, chat) -> None:
+    """Score one model folder, or every source of a config, and print JSON (per task and total)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,10 +182,13 @@ def eval_(target, suite, split, device, batch_size) -> None:
         open_checkpoint(name, path).close()  # clear errors for non-safetensors folders
         tokenizer = AutoTokenizer.from_pretrained(path)
         if evaluator is None:
-            evaluator = EvalSuite(load_suite(suite), tokenizer, split, batch_size=batch_size, device=dev)
+            evaluator = EvalSuite(load_suite(suite), tokenizer, split, batch_size=batch_size, device=dev,
+                                  system=system, chat=chat)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
         results[name] = evaluator.score(model).as_dict()
-    click.echo(json.dumps({"suite": suite, "split": split, "models": results}, ensure_ascii=False, indent=2))
+    primary = {t.name: t.primary_metric for t in evaluator.tasks}  # the metric each task adds to "score"
+    click.echo(json.dumps({"suite": suite, "split": split, "primary_metric": primary, "models": results},
+                          ensure_ascii=False, indent=2))
 
 
 @main.command()
@@ -212,8 +218,25 @@ def export(run_dir, storage, study_name, trial, output) -> None:
         raise MergeSearchError(f"--trial must be 'best' or a trial number but got {trial!r}")
     study = _storage_args(run_dir, storage, study_name)
     t = leaderboard_trial(study, trial if trial == "best" else int(trial))
-    Path(output).write_text(to_yaml(trial_config(study, t)), encoding="utf-8")
+    Path(output).write_text(to_yaml(trial_config(t)), encoding="utf-8")
     click.echo(f"trial {t.number} (score {t.value:.4f}) -> {output}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The model folder to create.")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard (2GB, 500MB, bytes).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where tensors are merged.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dare_* drop masks.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+def merge(config, output, shard_size, device, seed, force) -> None:
+    """Merge the mergekit YAML CONFIG into a new, verified model folder (streamed, atomic)."""
+    from search.merger import resolve_device
+    from search.writer import merge_to_folder
+
+    manifest = merge_to_folder(config, output, shard_size=shard_size, device=str(resolve_device(device)),
+                               force=force, seed=seed)
+    click.echo(f"merged {manifest['tensors']} tensors -> {output}")
 
 
 @main.command("demo-models")
@@ -224,6 +247,56 @@ def demo_models(out) -> None:
 
     for name, path in ensure_demo_family(Path(out) if out else None).items():
         click.echo(f"{name}\t{path}")
+
+
+@main.group(cls=_Group)
+def bench() -> None:
+    """Performance figures measured side by side in one run (--json: one JSON object, last line)."""
+
+
+@bench.command("merge")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on the last line.")
+@click.option("--params", default="150M", show_default=True, help="Size of the generated bf16 sources.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed merges of each kind (median).")
+@click.option("--no-mergekit", is_flag=True, help="Skip the mergekit comparisons (ours and the bound only).")
+def bench_merge_cmd(as_json, params, device, repeats, no_mergekit) -> None:
+    """Our in-memory merge vs the streaming bound, mergekit's in-memory path and mergekit-yaml; TIES; peak memory."""
+    from search.bench.merge import bench_merge, report
+    from search.merger import resolve_device
+
+    fig = bench_merge(params=params, device=str(resolve_device(device)), repeats=repeats, mergekit=not no_mergekit)
+    click.echo(report(fig))
+    if as_json:
+        click.echo(json.dumps(fig))
+
+
+@bench.command("eval")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on the last line.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs of each side, interleaved (median).")
+@click.option("--split", default="dev", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, help="torch CPU threads for both sides (default: torch's).")
+def bench_eval_cmd(as_json, batch_size, repeats, split, device, threads) -> None:
+    """Native EvalSuite vs lm-eval's evaluator.evaluate: same tasks, weights and batch size."""
+    import torch
+
+    from search.bench.eval import bench_eval
+    from search.merger import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    fig = bench_eval(split=split, batch_size=batch_size, repeats=repeats, device=str(resolve_device(device)))
+    for task, t in fig["tasks"].items():
+        click.echo(f"{task}: acc native {t['native']['acc']:.4f} lm-eval {t['lmeval']['acc']:.4f} "
+                   f"(acc_norm {t['native']['acc_norm']:.4f} / {t['lmeval']['acc_norm']:.4f})")
+    click.echo(f"native {fig['native_s']:.3f}s vs lm-eval {fig['lmeval_s']:.3f}s: "
+               f"{fig['speedup_vs_lmeval']:.1f}x faster; acc identical: {fig['acc_identical']}")
+    if as_json:
+        click.echo(json.dumps(fig, ensure_ascii=False))
+    if not fig["acc_identical"]:
+        sys.exit(1)  # the two scorers disagree: a bug
 
 
 if __name__ == "__main__":

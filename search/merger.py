@@ -11,8 +11,10 @@ recipe exactly as `merge-search merge` does, and then:
   one kernel over the run with the same op order as `search.methods` (so the same bits). The
   kernel is `torch.compile`d for large models (checked bit for bit against `search.methods` on a
   probe first, else eager); eager works in bounded chunks.
-- ties / dare_* / slerp: per tensor, through `search.methods.merge_tensor`. TIES's magnitude
-  ranks depend only on the task vectors, so they are computed once and cached.
+- ties: per tensor, one kernel (compiled like the others) over the task vectors, trimmed by
+  magnitude ranks that depend only on the task vectors and so are computed once and cached
+  (4 bytes per element and model); with `rescale`, through `search.methods`.
+- dare_* / slerp: per tensor, through `search.methods.merge_tensor`.
 
 When the rows do not fit the device budget, they stay in (pinned) host memory and each run is
 streamed through a device staging buffer in chunks; still no disk.
@@ -33,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from search.checkpoints import Checkpoint, model_layer_count
 from search.errors import CheckpointError, MergeSearchError
 from search.mergeconfig import MergeConfig, TensorRecipe, parse_merge_config, resolve
-from search.methods import NORMALIZE_EPS, magnitude_rank, merge_tensor
+from search.methods import NORMALIZE_EPS, check_recipe, magnitude_rank, merge_tensor, topk_count
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,33 @@ def _task_arithmetic_kernel(xs: tuple[torch.Tensor, ...], base: torch.Tensor, w:
     out.copy_(b + mixed)
 
 
+def _ties_kernel(xs: tuple[torch.Tensor, ...], base: torch.Tensor, ranks: tuple[torch.Tensor | None, ...],
+                 ks: tuple[int, ...], w: torch.Tensor, normalize: bool, lam: float, out: torch.Tensor) -> None:
+    """TIES (no rescale) on one tensor, flat: trim by cached rank, elect signs, disjoint mean."""
+    b = base.float()
+    ds = []
+    for i in range(len(xs)):
+        d = xs[i].float() - b
+        if ranks[i] is not None:
+            d = d * (ranks[i] < ks[i])
+        ds.append(d * w[i])
+    total = ds[0]
+    for d in ds[1:]:
+        total = total + d
+    majority = (total >= 0).to(torch.float32) * 2 - 1
+    mixed, divisor = None, None
+    for i in range(len(ds)):
+        agree = ds[i].sign() == majority
+        term, share = ds[i] * agree, w[i] * agree
+        mixed = term if mixed is None else mixed + term
+        divisor = share if divisor is None else divisor + share
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if lam != 1:
+        mixed = mixed * lam
+    out.copy_(b + mixed)
+
+
 def _divisor(w: torch.Tensor, method: str) -> torch.Tensor:
     """The normalizing sum, computed eagerly as search.methods does (a compiled reduction may
     round it differently, and one ulp here changes every element)."""
@@ -102,7 +131,9 @@ def _divisor(w: torch.Tensor, method: str) -> torch.Tensor:
 
 # linear's reference uses fused multiply-adds, so its compiled form must contract a + b*c too;
 # task arithmetic's reference rounds every product, so its compiled form must not.
-_COMPILE_OPTIONS = {"linear": {"cpp.enable_floating_point_contract_flag": "fast"}, "task_arithmetic": {}}
+_COMPILE_OPTIONS = {"linear": {"cpp.enable_floating_point_contract_flag": "fast"}, "task_arithmetic": {},
+                    "ties": {}}
+_KERNELS = {"linear": _linear_kernel, "task_arithmetic": _task_arithmetic_kernel, "ties": _ties_kernel}
 
 
 class InMemoryMerger:
@@ -240,7 +271,7 @@ class InMemoryMerger:
 
     def _kernel(self, method: str):
         if method not in self._kernels:
-            fn = _linear_kernel if method == "linear" else _task_arithmetic_kernel
+            fn = _KERNELS[method]
             self._kernels[method] = self._compiled(method, fn) if self._compile else fn
         return self._kernels[method]
 
@@ -253,8 +284,11 @@ class InMemoryMerger:
             w = torch.tensor([0.31, 0.27, 0.55], device=self.device)
             if method == "linear":
                 args = (xs, w, _divisor(w, method))
-            else:
+            elif method == "task_arithmetic":
                 args = (xs[1:], xs[0], w[:2], _divisor(w[:2], method), 0.7)
+            else:
+                rank = magnitude_rank(xs[1].float() - xs[0].float())
+                args = (xs[1:], xs[0], (rank, None), (40_000, 0), w[:2], True, 0.7)
             want, got = torch.empty_like(xs[0]), torch.empty_like(xs[0])
             fn(*args, want)
             compiled(*args, got)
@@ -282,12 +316,23 @@ class InMemoryMerger:
                        self.out[c:e])
 
     def _per_tensor(self, rec: TensorRecipe, rows: tuple[int, ...], seg: Segment, index: int) -> None:
-        tensors = [x.view(seg.shape) for x in self._slices(rows, seg.offset, seg.offset + seg.numel)]
+        flat = self._slices(rows, seg.offset, seg.offset + seg.numel)
+        tensors = [x.view(seg.shape) for x in flat]
         ranks = None
         if rec.method == "ties":
             ranks = [None if k == rec.base or rec.params[k].get("density", 1.0) >= 1
                      else self._rank(index, rows[k], rows[rec.base], tensors[k], tensors[rec.base])
                      for k in range(len(rows))]
+            if not rec.shared["rescale"]:
+                members = [k for k in range(len(rows)) if k != rec.base]
+                check_recipe(rec)
+                w = torch.tensor([float(rec.params[k]["weight"]) for k in members], dtype=torch.float32,
+                                 device=self.device)
+                ks = tuple(topk_count(seg.numel, rec.params[k]["density"]) for k in members)
+                self._kernel("ties")(tuple(flat[k] for k in members), flat[rec.base],
+                                     tuple(ranks[k] for k in members), ks, w, bool(rec.shared["normalize"]),
+                                     float(rec.shared["lambda"]), self.out[seg.offset : seg.offset + seg.numel])
+                return
         merged = merge_tensor(rec, tensors, out_dtype=self.dtype, ranks=ranks)
         self.out[seg.offset : seg.offset + seg.numel].copy_(merged.reshape(-1))
 

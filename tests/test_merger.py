@@ -160,16 +160,18 @@ def test_compiled_kernels_give_the_eager_bits(family):
     config = {**_linear(paths, [0.2, 0.5, 0.3])}
     ta = {**_linear(paths, [0.7, -0.2, 0.4], normalize=True), "merge_method": "task_arithmetic",
           "base_model": str(base)}
+    ties = {"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(p), "parameters": {"weight": w, "density": d}} for p, w, d in zip(paths, (0.5, 0.3, 0.2), (0.3, 1.0, 0.6))]}
     eager, compiled = _merger(paths, base, compile=False), _merger(paths, base, compile=True)
-    for cfg in (config, ta):
+    for cfg in (config, ta, ties):
         eager.apply(cfg)
         compiled.apply(cfg)
         assert torch.equal(eager.out, compiled.out)
     # the probe passed, so the compiled kernels are the ones in use
-    from search.merger import _linear_kernel, _task_arithmetic_kernel
+    from search.merger import _KERNELS
 
-    assert compiled._kernels["linear"] is not _linear_kernel
-    assert compiled._kernels["task_arithmetic"] is not _task_arithmetic_kernel
+    assert set(compiled._kernels) == {"linear", "task_arithmetic", "ties"}
+    assert all(compiled._kernels[m] is not _KERNELS[m] for m in compiled._kernels)
 
 
 def test_bf16_sources_accumulate_in_fp32_and_round_once(tmp_path):
