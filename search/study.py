@@ -187,10 +187,10 @@ def run_search(
     cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
 ) -> optuna.Study:
     """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials."""
-    study = create_study(cfg)
-    remaining = cfg.study.n_trials - len(finished(study))
-    searcher = Searcher.build(cfg)
+    searcher = Searcher.build(cfg)  # every input is checked before the study is created
     try:
+        study = create_study(cfg)
+        remaining = cfg.study.n_trials - len(finished(study))
         merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
                  **cfg.merge.model_dump(mode="json", by_alias=True, exclude={"base_model"})}
         before = study.user_attrs.get(MERGE_ATTR)

@@ -274,3 +274,21 @@ def test_tied_embeddings_tokenizer_source_and_out_dtype(families, tmp_path):
     assert "lm_head.weight" not in ours
     total, differ, _ = compare(theirs, ours)
     assert differ == 0, f"{differ}/{total} elements differ"
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp"])
+def test_exported_search_configs_merge_identically_in_mergekit(method, families, tmp_path):
+    """What `export` writes (MergeSpace.to_config: per-layer gradients, filter lists) is valid
+    mergekit configuration, and mergekit-yaml's model equals ours bit for bit (fp32)."""
+    import optuna
+
+    from search.space import MergeSpace
+
+    fam = families["float32"]
+    names = ["m0", "m1"] if method == "slerp" else ["m0", "m1", "m2"]
+    space = MergeSpace(method, {n: fam[n] for n in names}, base=fam["base"], granularity=2,
+                       filters=["self_attn"], num_layers=LAYERS)
+    values = space.suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7)).ask())
+    theirs, ours = run_both(space.to_config(values), tmp_path)
+    total, differ, _ = compare(theirs, ours)
+    assert differ == 0, f"{differ} of {total} elements differ"

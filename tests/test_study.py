@@ -129,6 +129,13 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path):
     missing.write_text(config.read_text().replace(str(paths[1]), str(tmp_path / "nowhere")))
     r = runner.invoke(main, ["check", str(missing)])
     assert r.exit_code == 2 and "nowhere" in r.output and len(r.output.strip().splitlines()) == 1
+    gran = tmp_path / "gran.yaml"
+    data = yaml.safe_load(config.read_text())
+    data.update(out=str(tmp_path / "gran-run"), merge={"method": "linear", "granularity": 3})
+    gran.write_text(yaml.safe_dump(data))
+    r = runner.invoke(main, ["run", str(gran)])
+    assert r.exit_code == 2 and r.output.strip() == "error: merge.granularity must divide the layer count 2 but got 3"
+    assert not (tmp_path / "gran-run").exists()  # nothing written for bad input
     r = runner.invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "x.yaml")])
     assert r.exit_code == 2 and "not a run folder" in r.output
     r = runner.invoke(main, ["export", str(root / "run"), "--trial", "99", "-o", str(tmp_path / "x.yaml")])
