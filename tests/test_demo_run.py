@@ -1,0 +1,50 @@
+"""`merge-search run` on the demo family: the walking skeleton end to end (slow: builds the family)."""
+
+import csv
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from search.cli import main
+
+pytestmark = pytest.mark.slow
+SOURCES = ("inst-v1", "inst-v2", "inst-meta")
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-run")
+    result = CliRunner().invoke(main, ["run", "--trials", "14", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_the_demo_writes_every_output(demo_run, demo_family):
+    out, output = demo_run
+    for name in ("study.db", "best.yaml", "best.json", "leaderboard.md", "leaderboard.csv"):
+        assert (out / name).is_file(), name
+    assert "best:" in output
+    config = yaml.safe_load((out / "best.yaml").read_text())
+    assert [m["model"] for m in config["models"]] == [str(demo_family[n].resolve()) for n in SOURCES]
+
+
+def test_the_best_merge_beats_every_single_source_on_dev_and_test(demo_run):
+    out, _ = demo_run
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "leaderboard.csv"))}
+    assert set(SOURCES) | {"uniform"} <= set(rows)
+    best = json.loads((out / "best.json").read_text())
+    for source in SOURCES:
+        assert best["dev_score"] > float(rows[source]["dev_score"]) + 0.03, source
+        assert best["test_score"] > float(rows[source]["test_score"]) + 0.03, source
+    assert best["dev_score"] >= max(float(r["dev_score"]) for r in rows.values())
+
+
+def test_each_source_is_best_on_its_own_skill(demo_run):
+    out, _ = demo_run
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "leaderboard.csv"))}
+    task_cols = [c for c in next(iter(rows.values())) if c.startswith("dev:")]
+    assert len(task_cols) >= 3
+    winners = {max(SOURCES, key=lambda s: float(rows[s][c])) for c in task_cols}
+    assert winners == set(SOURCES)  # every variant wins some skill: they differ in what they know
