@@ -1,200 +1,280 @@
 """`EvalSuite`: score a live model on one split of a suite with forward passes only.
 
-Everything that does not depend on the weights is done once in the constructor: prompts are
-rendered through the chat template, tokenized, sorted by length and packed into fixed batches
-with the gather indices for the scored positions. `score(model)` then runs one forward pass per
-batch under `torch.inference_mode()` and applies the output head only where a log-probability is
-needed, so the same suite can score hundreds of merged candidates cheaply.
+    suite = EvalSuite(load_suite("zh-instruct-lite"), tokenizer, "dev", batch_size=32)
+    suite.score(model).score                  # one number; .tasks: task -> metric -> value
+    for shard in suite.score_shards(model):   # the same, in shards, for an Optuna pruner
+        trial.report(shard.result.score, shard.index)
 
-Semantics:
-- choice: log-likelihood of each option as the continuation of the prompt (lm-eval's
-  `loglikelihood`: whole string encoded, split at the context length; log-softmax in fp32);
-  the highest wins, ties to the first option. `acc` as lm-eval; `acc_norm` divides each
-  option's log-likelihood by its length in characters.
-- reference: mean per-token log-probability of the reference answer given the prompt
-  (`logprob`), and a bounded score `prob` = exp(logprob) in (0, 1], the per-token geometric
-  mean probability, used for aggregation.
+Everything that does not depend on the weights is done once in the constructor: prompts are
+rendered (lm-eval's way, see prompts.py), tokenized, packed into fixed batches sorted by length,
+with the gather indices of the scored positions. A call then runs one forward pass per batch
+under `torch.inference_mode()` and applies the output head only at the scored positions.
+
+Semantics (metric names as lm-eval's):
+- choice: log-likelihood of delimiter + option after the prompt; the highest wins, ties to the
+  first option. `acc`; `acc_norm` divides each log-likelihood by the option's length in
+  characters. An item's options share one trie row (packing.py), with the log-likelihoods they
+  would get on rows of their own.
+- reference: `logprob`, the mean per-token log-probability of the reference (unbounded), and
+  `prob` = exp(logprob) in (0, 1], the per-token geometric-mean probability, which aggregates.
+- generate: greedy decoding; `exact_match` and `contains` after `normalize_answer`.
+- lmeval entries: lm-eval's own metrics (lmeval.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from evaluation.ceval import LETTERS, description, letters_text, subject_from_path
 from evaluation.errors import EvalError
-from evaluation.tasks import Suite, Task
+from evaluation.generate import GenBatch, generate, pack_prompts
+from evaluation.packing import Batch, build_rows, pack_rows, run_batches
+from evaluation.prompts import answer_metrics, encode_pair, lm_encode, render_prompt, target_delimiter, uses_chat
+from evaluation.tasks import METRICS, Suite, Task
 
-# The metric of each kind that enters the suite score.
-PRIMARY_METRIC = {"choice": "acc", "reference": "prob"}
+# The default metric of each kind that enters the suite score (a task's `metric:` overrides it).
+PRIMARY_METRIC = {"choice": "acc", "reference": "prob", "generate": "exact_match", "lmeval": "acc"}
+
+__all__ = ["EvalSuite", "PRIMARY_METRIC", "ShardScore", "SuiteResult", "encode_pair", "render_prompt"]
 
 
 @dataclass
 class SuiteResult:
     score: float  # weighted mean of each task's primary metric
     tasks: dict[str, dict[str, float]]  # task -> metric -> value
+    examples: dict[str, float] = field(default_factory=dict, repr=False)  # "task/id" -> primary metric
 
     def as_dict(self) -> dict:
         return {"score": self.score, "tasks": self.tasks}
 
 
 @dataclass
-class _Batch:
-    input_ids: torch.Tensor  # [B, L], right-padded
-    attention_mask: torch.Tensor  # [B, L]
-    positions: torch.Tensor  # [T] flat indices into B*L of the positions predicting a target
-    targets: torch.Tensor  # [T] token ids
-    sequences: torch.Tensor  # [T] global sequence index each target belongs to
+class ShardScore:
+    index: int
+    n_shards: int
+    examples: dict[str, float]  # this shard's examples: "task/id" -> primary metric value
+    result: SuiteResult  # every example scored so far (tasks not reached yet are left out)
 
 
-def render_prompt(tokenizer, text: str, system: str | None = None, chat: bool = True) -> str:
-    """The prompt string: through the tokenizer's chat template when it has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{system}\n\n{text}" if system else text
+@dataclass
+class _Plan:
+    task: Task
+    items: list[dict]
+    first_seq: list[int] = field(default_factory=list)  # per item: its first sequence
+    chars: list[list[int]] = field(default_factory=list)  # choice: option lengths in characters
 
 
-def encode_pair(tokenizer, context: str, continuation: str, special: bool) -> tuple[list[int], list[int]]:
-    """lm-eval's split: encode the whole string, cut it at the context's token length."""
-    whole = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
-    ctx_len = len(tokenizer(context, add_special_tokens=special)["input_ids"])
-    return whole[:ctx_len], whole[ctx_len:]
+@dataclass
+class _Shard:
+    examples: list[tuple[int, int]]  # (plan index, item index)
+    batches: list[Batch] = field(default_factory=list)
+    gen_batches: list[GenBatch] = field(default_factory=list)
 
 
 class EvalSuite:
-    """One split of a suite, tokenized once, scored on any model that shares the tokenizer."""
+    """One split of a suite, tokenized once, scored on any model that shares the tokenizer.
 
-    def __init__(
-        self,
-        suite: Suite,
-        tokenizer,
-        split: str,
-        *,
-        batch_size: int = 32,
-        device: str | torch.device = "cpu",
-        chat: bool = True,
-        system: str | None = None,
-        max_length: int | None = None,
-    ):
+    chat: False never uses a chat template; True uses it where the tokenizer has one (C-Eval
+    data only when its task or suite says `chat: true`). system: a system prompt for every task
+    that sets none. shards: score in this many shards (each example in one, interleaved).
+    share_context: score an item's options on one trie row (the context computed once).
+    max_length: longest model input; longer ones lose their oldest context tokens, as lm-eval's.
+    """
+
+    def __init__(self, suite: Suite, tokenizer, split: str, *, batch_size: int = 32,
+                 device: str | torch.device = "cpu", chat: bool = True, system: str | None = None,
+                 max_length: int | None = None, shards: int = 1, share_context: bool = True):
         if batch_size < 1:
             raise EvalError(f"batch_size must be at least 1 but got {batch_size}")
+        if shards < 1:
+            raise EvalError(f"shards must be at least 1 but got {shards}")
         self.suite, self.split, self.device = suite, split, torch.device(device)
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         self.tasks: list[Task] = suite.tasks
-        chat = chat and bool(getattr(tokenizer, "chat_template", None))
-        # A rendered chat template carries its own BOS text; plain prompts get the tokenizer's.
-        special = not chat
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self._chat, self._system = chat, system
+        pad = tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-        seqs: list[tuple[list[int], int]] = []  # (tokens, number of scored tail tokens)
-        self._layout: list[tuple[Task, list[dict], int]] = []  # task, items, first sequence index
-        self._option_chars: list[int] = []  # per sequence, for acc_norm
-        for task in self.tasks:
-            items = task.items(split)
-            self._layout.append((task, items, len(seqs)))
-            for item in items:
-                if task.kind == "choice":
-                    ctx = render_prompt(tokenizer, item["question"], system, chat)
-                    conts = item["choices"]
-                else:
-                    ctx = render_prompt(tokenizer, item["prompt"], system, chat)
-                    conts = [item["reference"]]
+        self._plans: list[_Plan] = []
+        seqs: list[tuple[list[int], list[int]]] = []  # (model input, scored tail tokens) per sequence
+        prompts: dict[tuple[int, int], list[int]] = {}  # generate: (plan, item) -> prompt tokens
+        for task in (t for t in self.tasks if t.kind != "lmeval"):
+            plan = _Plan(task, task.items(split))
+            chat_t, system_t = self.settings(task)
+            pi = len(self._plans)
+            for ii, item in enumerate(plan.items):
+                if task.kind == "generate":
+                    text = item.get("passage", "") + ("\n\n" if "passage" in item else "") + item["text"]
+                    ctx = render_prompt(tokenizer, text, system_t, chat_t, task.preamble or "")
+                    prompts[pi, ii] = lm_encode(tokenizer, ctx)
+                    continue
+                ctx, conts, chars = self._loglik_prompt(task, item, chat_t, system_t)
+                plan.first_seq.append(len(seqs))
+                plan.chars.append(chars)
                 for cont in conts:
-                    c, r = encode_pair(tokenizer, ctx, cont, special)
-                    if not c or not r:
-                        raise EvalError(
-                            f"{task.files[split]}: item {item['id']!r}: empty "
-                            f"{'prompt' if not c else 'answer'} after tokenization"
-                        )
-                    toks = c + r
-                    if max_length and len(toks) > max_length:
-                        toks = toks[-max_length:]  # keep the scored tail; drop the oldest context
-                    seqs.append((toks, len(r)))
-                    self._option_chars.append(len(cont))
+                    seqs.append(self._sequence(task, item, ctx, cont))
+            self._plans.append(plan)
         self.n_sequences = len(seqs)
-        self._n_tokens = torch.tensor([r for _, r in seqs], dtype=torch.float64)
-        self._batches = self._pack(seqs, batch_size, pad_id)
+        self._n_tokens = torch.tensor([len(t) for _, t in seqs], dtype=torch.float64)
+        self._shards = self._build_shards(seqs, prompts, shards, share_context)
+        self.example_keys = [self._key(pi, ii) for s in self._shards for pi, ii in s.examples]
 
-    def _pack(self, seqs, batch_size: int, pad_id: int) -> list[_Batch]:
-        # Longest first so the first batch shows the peak memory at once; similar lengths share
-        # a batch, so little compute goes to padding.
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-        batches = []
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = len(seqs[idx[0]][0])
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            pos, tgt, seq = [], [], []
-            for row, i in enumerate(idx):
-                toks, n = seqs[i]
-                ids[row, : len(toks)] = torch.tensor(toks)
-                mask[row, : len(toks)] = 1
-                for j in range(len(toks) - n, len(toks)):
-                    pos.append(row * width + j - 1)  # logits at j-1 predict token j
-                    tgt.append(toks[j])
-                    seq.append(i)
-            batches.append(
-                _Batch(
-                    ids.to(self.device),
-                    mask.to(self.device),
-                    torch.tensor(pos, device=self.device),
-                    torch.tensor(tgt, device=self.device),
-                    torch.tensor(seq, device=self.device),
-                )
-            )
-        return batches
+        self._lm_tasks = [t for t in self.tasks if t.kind == "lmeval"]
+        self._lmeval = None
+        if self._lm_tasks:
+            from evaluation.lmeval import LMEvalRunner
 
-    @torch.inference_mode()
+            settings = {t.name: self.settings(t) for t in self._lm_tasks}
+            self._lmeval = LMEvalRunner(self._lm_tasks, tokenizer, batch_size=batch_size, settings=settings,
+                                        max_length=max_length)
+
+    # ------------------------------------------------------------------ construction
+
+    def settings(self, task: Task) -> tuple[bool, str | None]:
+        """(use the chat template, system prompt) of one task: its own setting, else the suite's.
+
+        The constructor's chat=False turns templates off everywhere; its system prompt goes to
+        every task that sets none (before the suite's)."""
+        if task.chat is not None:
+            chat = task.chat
+        elif self.suite.chat is not None:
+            chat = self.suite.chat
+        else:  # C-Eval data and lm-eval tasks are scored without a template unless asked
+            chat = task.layout != "ceval" and task.kind != "lmeval"
+        chat = uses_chat(self.tokenizer, self._chat and chat)
+        system = task.system if task.system is not None else self._system if self._system is not None else self.suite.system
+        return chat, system
+
+    def _loglik_prompt(self, task: Task, item: dict, chat: bool, system: str | None):
+        passage = item["passage"] + "\n\n" if "passage" in item else ""
+        preamble = task.preamble or ""
+        if task.kind == "reference":
+            answers = [item["reference"]]
+            text = passage + item["text"]
+        elif (task.style or ("letters" if task.layout == "ceval" else "cloze")) == "letters":
+            answers = list(LETTERS[: len(item["choices"])])
+            text = passage + letters_text(item["text"], item["choices"])
+            if task.preamble is None and task.layout == "ceval":
+                preamble = description(task.subject or subject_from_path(task.file(self.split)))
+        else:
+            answers, text = item["choices"], passage + item["text"]
+        ctx = render_prompt(self.tokenizer, text, system, chat, preamble)
+        delim = target_delimiter(self.tokenizer, chat, task.target_delimiter)
+        return ctx, [delim + a for a in answers], [len(a) for a in answers]
+
+    def _sequence(self, task: Task, item: dict, ctx: str, cont: str) -> tuple[list[int], list[int]]:
+        # lm-eval's whitespace move for choices (parity); a reference is scored on its own tokens.
+        c, r = encode_pair(self.tokenizer, ctx, cont, move_whitespace=task.kind == "choice")
+        if not c or not r:
+            raise EvalError(f"{task.file(self.split)}: item {item['id']!r}: empty "
+                            f"{'prompt' if not c else 'answer'} after tokenization")
+        toks = c + r
+        if self.max_length and len(toks) > self.max_length + 1:
+            if len(r) > self.max_length:
+                raise EvalError(f"{task.file(self.split)}: item {item['id']!r}: the answer has {len(r)} tokens, "
+                                f"more than max_length {self.max_length}")
+            toks = toks[-(self.max_length + 1):]  # as lm-eval: drop the oldest context
+        return toks[:-1], r  # the last token is never an input
+
+    def _build_shards(self, seqs, prompts, n: int, share: bool) -> list[_Shard]:
+        shards = [_Shard([]) for _ in range(n)]
+        for pi, plan in enumerate(self._plans):
+            for ii in range(len(plan.items)):
+                shards[ii % n].examples.append((pi, ii))
+        for shard in shards:
+            items, gen = [], {}
+            for pi, ii in shard.examples:
+                plan = self._plans[pi]
+                if plan.task.kind == "generate":
+                    gen.setdefault(pi, []).append(ii)
+                    continue
+                first = plan.first_seq[ii]
+                items.append([(s, *seqs[s]) for s in range(first, first + len(plan.chars[ii]))])
+            rows = build_rows(items, share)
+            shard.batches = pack_rows(rows, self.batch_size, self._pad_id, self.device)
+            for pi, iis in gen.items():
+                t = self._plans[pi].task
+                shard.gen_batches += pack_prompts([prompts[pi, ii] for ii in iis], [(pi, ii) for ii in iis],
+                                                  self.batch_size, self._pad_id, t.max_new_tokens, t.stop, self.device)
+        return shards
+
+    # ------------------------------------------------------------------ scoring
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    def _key(self, pi: int, ii: int) -> str:
+        plan = self._plans[pi]
+        return f"{plan.task.name}/{plan.items[ii]['id']}"
+
     def sequence_logprobs(self, model) -> torch.Tensor:
         """Summed log-probability of every scored continuation, float64 [n_sequences] on CPU."""
-        body = getattr(model, "base_model", None)
-        head = model.get_output_embeddings() if body is not None and body is not model else None
         totals = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
-        for b in self._batches:
-            if head is not None:
-                # Hidden states everywhere, the (vocab-sized) head only at the scored positions.
-                hidden = body(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-                logits = head(hidden.reshape(-1, hidden.shape[-1])[b.positions])
-            else:
-                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-                logits = out.reshape(-1, out.shape[-1])[b.positions]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            picked = logp.gather(1, b.targets[:, None])[:, 0]
-            totals.index_add_(0, b.sequences, picked.double())
+        for shard in self._shards:
+            run_batches(model, shard.batches, totals)
         return totals.cpu()
+
+    def _item_metrics(self, plan: _Plan, ii: int, lp: torch.Tensor) -> dict[str, float]:
+        first = plan.first_seq[ii]
+        if plan.task.kind == "reference":
+            mean = float(lp[first]) / float(self._n_tokens[first])
+            return {"prob": math.exp(mean), "logprob": mean}
+        lls = lp[first : first + len(plan.chars[ii])].tolist()
+        norm = [ll / c for ll, c in zip(lls, plan.chars[ii])]
+        gold = plan.items[ii]["answer"]
+        # max() keeps the first of equal values: ties go to the first option, as np.argmax.
+        pick = max(range(len(lls)), key=lambda k: lls[k])
+        pick_norm = max(range(len(norm)), key=lambda k: norm[k])
+        return {"acc": float(pick == gold), "acc_norm": float(pick_norm == gold)}
+
+    def score_shards(self, model) -> Iterator[ShardScore]:
+        """Score shard by shard; each yields its examples' primary metric and the running result."""
+        lp = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
+        done: dict[int, dict[int, dict[str, float]]] = {pi: {} for pi in range(len(self._plans))}
+        lm_metrics: dict[str, dict[str, float]] = {}
+        for index, shard in enumerate(self._shards):
+            run_batches(model, shard.batches, lp)
+            lp_cpu = lp.cpu()
+            for gb in shard.gen_batches:
+                for (pi, ii), text in zip(gb.examples, generate(model, self.tokenizer, gb, self._pad_id)):
+                    done[pi][ii] = answer_metrics(text, self._plans[pi].items[ii]["answers"])
+            examples = {}
+            for pi, ii in shard.examples:
+                plan = self._plans[pi]
+                if plan.task.kind != "generate":
+                    done[pi][ii] = self._item_metrics(plan, ii, lp_cpu)
+                examples[self._key(pi, ii)] = done[pi][ii][plan.task.primary_metric]
+            if index == len(self._shards) - 1 and self._lmeval is not None:
+                lm_metrics = self._lmeval.run(model)
+            yield ShardScore(index, len(self._shards), examples, self._result(done, lm_metrics))
 
     def score(self, model) -> SuiteResult:
         """Score `model` (any causal LM sharing the tokenizer) on this split."""
-        lp = self.sequence_logprobs(model)
-        chars = torch.tensor(self._option_chars, dtype=torch.float64)
-        results: dict[str, dict[str, float]] = {}
-        for task, items, first in self._layout:
-            if task.kind == "choice":
-                correct = correct_norm = 0
-                pos = first
-                for item in items:
-                    k = len(item["choices"])
-                    opts = lp[pos : pos + k]
-                    # torch.argmax returns the first maximal index: ties go to the first option.
-                    correct += int(torch.argmax(opts)) == item["answer"]
-                    correct_norm += int(torch.argmax(opts / chars[pos : pos + k])) == item["answer"]
-                    pos += k
-                results[task.name] = {"acc": correct / len(items), "acc_norm": correct_norm / len(items)}
-            else:
-                n = len(items)
-                mean_lp = lp[first : first + n] / self._n_tokens[first : first + n]
-                results[task.name] = {
-                    "logprob": float(mean_lp.mean()),
-                    "prob": float(torch.exp(mean_lp).mean()),
-                }
-        total_w = sum(t.weight for t in self.tasks)
-        score = sum(t.weight * results[t.name][PRIMARY_METRIC[t.kind]] for t in self.tasks) / total_w
-        if not math.isfinite(score):
+        result = None
+        for shard in self.score_shards(model):
+            result = shard.result
+        return result
+
+    def _result(self, done, lm_metrics) -> SuiteResult:
+        tasks, examples, weighted, weights = {}, {}, 0.0, 0.0
+        for pi, plan in enumerate(self._plans):
+            if not done[pi]:
+                continue
+            order = sorted(done[pi])  # item order, so the means do not depend on the sharding
+            names = METRICS[plan.task.kind]
+            tasks[plan.task.name] = {m: sum(done[pi][i][m] for i in order) / len(order) for m in names}
+            examples.update({self._key(pi, i): done[pi][i][plan.task.primary_metric] for i in order})
+        tasks.update(lm_metrics)
+        for task in self.tasks:
+            if task.name in tasks:
+                weighted += task.weight * tasks[task.name][task.primary_metric]
+                weights += task.weight
+        score = weighted / weights if weights else float("nan")  # nan: a shard with no examples
+        if weights and not math.isfinite(score):
             raise EvalError(f"suite {self.suite.name!r}: the model produced a non-finite score")
-        return SuiteResult(score=score, tasks=results)
+        return SuiteResult(score=score, tasks=tasks, examples=examples)

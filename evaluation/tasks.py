@@ -1,50 +1,87 @@
-"""Eval suites and tasks as data: a `suite.yaml` listing tasks, each a JSONL file per split.
+"""Eval suites as data: a `suite.yaml` listing tasks, or a single data file used as a suite.
 
-A suite folder holds `suite.yaml`:
-
-    name: demo
+    name: my-suite
+    system: 你是一个乐于助人的助手。     # optional system prompt (chat template)
     tasks:
       - name: numerals
-        kind: choice             # choice | reference
+        kind: choice                 # choice | reference | generate (inferred when left out)
         data: {dev: numerals.dev.jsonl, test: numerals.test.jsonl}
         weight: 1.0
+      - name: accountant
+        file: ceval/val/accountant_val.csv   # one file; `split: dev` ties it to one split,
+                                             # without it the file serves every split
+        style: letters               # choice prompts: cloze (answer text) | letters (A-D listed)
+      - name: squad-zh
+        file: my_dataset_folder      # a datasets.save_to_disk folder
+        hf_split: validation
+      - lmeval: ceval-valid_accountant       # an lm-eval task by name or YAML path (lmeval.py)
 
-`choice` lines: {"id", "question", "choices": [...], "answer": <index>}
-`reference` lines: {"id", "prompt", "reference"}
+Paths are relative to the suite file. Task keys beyond these (system, chat, target_delimiter,
+preamble, subject, max_new_tokens, stop, metric, num_fewshot) are described in evaluation/README.md.
+`--suite` also takes one JSONL/CSV file or `datasets` folder (kind inferred from its columns), or
+one lm-eval task YAML.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from evaluation.errors import EvalError
+from evaluation.readers import KINDS, detect, is_dataset_dir, read_items
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-KINDS = ("choice", "reference")
-# Fields each kind's JSONL lines must carry, with their types.
-_REQUIRED = {
-    "choice": {"id": str, "question": str, "choices": list, "answer": int},
-    "reference": {"id": str, "prompt": str, "reference": str},
+ANY_SPLIT = "*"  # a file that serves every split
+METRICS = {
+    "choice": ("acc", "acc_norm"),
+    "reference": ("prob", "logprob"),  # prob = exp(mean token logprob) in (0, 1]; logprob unbounded
+    "generate": ("exact_match", "contains"),
 }
+_TASK_KEYS = {
+    "name", "kind", "data", "file", "split", "weight", "description", "style", "system", "chat",
+    "target_delimiter", "preamble", "subject", "max_new_tokens", "stop", "metric", "hf_split",
+    "lmeval", "num_fewshot",
+}
+_SUITE_KEYS = {"name", "description", "system", "chat", "tasks"}
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str
-    files: dict[str, Path]  # split -> JSONL file
+    kind: str  # choice | reference | generate | lmeval
+    files: dict[str, Path] = field(default_factory=dict)  # split (or "*") -> data file/folder
     weight: float = 1.0
     description: str = ""
+    layout: str = "native"  # "ceval": C-Eval columns, prompted as lm-eval's ceval-valid
+    style: str | None = None  # choice prompts: "cloze" | "letters"; None: letters for C-Eval data
+    system: str | None = None  # overrides the suite's system prompt
+    chat: bool | None = None  # None: the suite's choice (C-Eval data: no chat template)
+    target_delimiter: str | None = None  # between prompt and answer without a chat template
+    preamble: str | None = None  # lm-eval's `description`: text before every prompt
+    subject: str | None = None  # C-Eval subject for its description (default: from the file name)
+    max_new_tokens: int = 32  # generate
+    stop: tuple[str, ...] = ()  # generate: stop strings (EOS always stops)
+    metric: str | None = None  # the metric entering the suite score (default: the kind's first)
+    hf_split: str | None = None  # split of a DatasetDict folder
+    lmeval: str | None = None  # lm-eval task name or YAML path
+    num_fewshot: int | None = None  # lmeval
+
+    def file(self, split: str) -> Path:
+        if split in self.files:
+            return self.files[split]
+        if ANY_SPLIT in self.files:
+            return self.files[ANY_SPLIT]
+        raise EvalError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.files)}")
 
     def items(self, split: str) -> list[dict]:
         """The validated items of one split; bad data raises EvalError naming file, line, field."""
-        if split not in self.files:
-            raise EvalError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.files)}")
-        return read_items(self.files[split], self.kind)
+        return read_items(self.file(split), self.kind, self.hf_split)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric or (METRICS[self.kind][0] if self.kind in METRICS else "acc")
 
 
 @dataclass(frozen=True)
@@ -52,9 +89,13 @@ class Suite:
     name: str
     path: Path
     tasks: list[Task] = field(default_factory=list)
+    system: str | None = None
+    chat: bool | None = None
 
     def splits(self) -> set[str]:
-        return set.intersection(*(set(t.files) for t in self.tasks)) if self.tasks else set()
+        """Named splits every task has (tasks serving any split do not restrict)."""
+        named = [set(t.files) for t in self.tasks if t.kind != "lmeval" and ANY_SPLIT not in t.files]
+        return set.intersection(*named) if named else set()
 
 
 def available_suites() -> list[str]:
@@ -62,87 +103,121 @@ def available_suites() -> list[str]:
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
-    """A built-in suite by name, or a suite folder / suite.yaml path."""
+    """A built-in suite by name, a suite folder / suite.yaml, one data file, or an lm-eval YAML."""
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() and not is_dataset_dir(path):
         path = path / "suite.yaml"
-    if not path.is_file():
+    if not path.exists():
         builtin = DATA_DIR / str(name_or_path) / "suite.yaml"
         if not builtin.is_file():
             raise EvalError(
-                f"Unknown suite {str(name_or_path)!r}: not a built-in suite or a suite file. "
+                f"Unknown suite {str(name_or_path)!r}: not a built-in suite, a suite file or a data file. "
                 f"Available: {', '.join(available_suites()) or '(none)'}"
             )
         path = builtin
+    if is_dataset_dir(path) or path.suffix.lower() in (".jsonl", ".csv", ".json"):
+        task = _task({"name": path.stem, "file": path.name}, path.parent, f"{path}")
+        return Suite(name=path.stem, path=path, tasks=[task])
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise EvalError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(spec, dict) and "task" in spec and "tasks" not in spec:  # one lm-eval task YAML
+        name = str(spec["task"])
+        return Suite(name=name, path=path, tasks=[_task({"lmeval": str(path.resolve())}, path.parent, str(path))])
     if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
         raise EvalError(f"{path}: tasks: expected a non-empty list of tasks")
-    tasks = [_parse_task(t, path, i) for i, t in enumerate(spec["tasks"])]
+    unknown = set(spec) - _SUITE_KEYS
+    if unknown:
+        raise EvalError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: {sorted(_SUITE_KEYS)}")
+    system, chat = spec.get("system"), spec.get("chat")
+    if system is not None and not isinstance(system, str):
+        raise EvalError(f"{path}: system: must be a string but got {system!r}")
+    if chat is not None and not isinstance(chat, bool):
+        raise EvalError(f"{path}: chat: must be true or false but got {chat!r}")
+    tasks = [_task(t, path.parent, f"{path}: tasks[{i}]") for i, t in enumerate(spec["tasks"])]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"{path}: tasks: task names must be unique but got {names}")
-    return Suite(name=str(spec.get("name", path.parent.name)), path=path, tasks=tasks)
+    return Suite(name=str(spec.get("name", path.parent.name)), path=path, tasks=tasks, system=system, chat=chat)
 
 
-def _parse_task(t: object, path: Path, i: int) -> Task:
-    where = f"{path}: tasks[{i}]"
+def _task(t: object, base: Path, where: str) -> Task:
     if not isinstance(t, dict):
         raise EvalError(f"{where}: expected a mapping but got {t!r}")
-    unknown = set(t) - {"name", "kind", "data", "weight", "description"}
+    unknown = set(t) - _TASK_KEYS
     if unknown:
         raise EvalError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    if not isinstance(t.get("name"), str) or not t["name"]:
+    if "kind" in t and t["kind"] not in KINDS:
+        raise EvalError(f"{where}.kind: must be one of {list(KINDS)} but got {t['kind']!r}")
+    sources = [k for k in ("data", "file", "lmeval") if k in t]
+    if len(sources) != 1:
+        raise EvalError(f"{where}: give exactly one of 'data' (split -> file), 'file' or 'lmeval' but got {sources}")
+    kw: dict = {}
+    if "lmeval" in t:
+        spec = t["lmeval"]
+        if not isinstance(spec, str) or not spec:
+            raise EvalError(f"{where}.lmeval: must be an lm-eval task name or YAML path but got {spec!r}")
+        local = base / spec
+        if spec.endswith((".yaml", ".yml")):
+            if not local.is_file():
+                raise EvalError(f"{where}.lmeval: file not found: {local}")
+            spec = str(local.resolve())
+        kw.update(kind="lmeval", lmeval=spec, files={})
+        default_name = Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
+    else:
+        if "data" in t:
+            data = t["data"]
+            if not isinstance(data, dict) or not data:
+                raise EvalError(f"{where}.data: expected a mapping split -> file but got {data!r}")
+            files = {str(split): base / str(f) for split, f in data.items()}
+        else:
+            split = t.get("split", ANY_SPLIT)
+            splits = split if isinstance(split, list) else [split]
+            if not splits or not all(isinstance(s, str) and s for s in splits):
+                raise EvalError(f"{where}.split: must be a split name or a list of them but got {split!r}")
+            files = {s: base / str(t["file"]) for s in splits}
+        for split, f in files.items():
+            if not f.exists():
+                raise EvalError(f"{where}.{'data.' + split if 'data' in t else 'file'}: file not found: {f}")
+        first = next(iter(files.values()))
+        kind, layout = detect(first, t.get("hf_split"))
+        if "kind" in t:
+            kind = t["kind"]
+            layout = layout if kind == "choice" else "native"
+        kw.update(kind=kind, layout=layout, files=files)
+        default_name = first.stem.split(".")[0]
+    name = t.get("name", default_name)
+    if not isinstance(name, str) or not name:
         raise EvalError(f"{where}.name: required, a non-empty string")
-    if t.get("kind") not in KINDS:
-        raise EvalError(f"{where}.kind: must be one of {list(KINDS)} but got {t.get('kind')!r}")
-    data = t.get("data")
-    if not isinstance(data, dict) or not data:
-        raise EvalError(f"{where}.data: expected a mapping split -> file but got {data!r}")
-    files = {str(split): (path.parent / f) for split, f in data.items()}
-    for split, f in files.items():
-        if not f.is_file():
-            raise EvalError(f"{where}.data.{split}: file not found: {f}")
     weight = t.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or weight <= 0:
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise EvalError(f"{where}.weight: must be a positive number but got {weight!r}")
-    return Task(t["name"], t["kind"], files, float(weight), str(t.get("description", "")))
+    kw.update(name=name, weight=float(weight), description=str(t.get("description", "")))
+    _options(t, kw, where)
+    return Task(**kw)
 
 
-def read_items(path: Path, kind: str) -> list[dict]:
-    """Read and validate one JSONL file of `kind` items."""
-    items, ids = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not valid JSON: {e.msg}") from None
-            if not isinstance(item, dict):
-                raise EvalError(f"{where}: expected a JSON object")
-            for key, typ in _REQUIRED[kind].items():
-                if key not in item:
-                    raise EvalError(f"{where}: field {key!r} is missing")
-                if not isinstance(item[key], typ) or isinstance(item[key], bool):
-                    raise EvalError(f"{where}: field {key!r} must be {typ.__name__} but got {item[key]!r}")
-            if item["id"] in ids:
-                raise EvalError(f"{where}: field 'id' {item['id']!r} appears twice")
-            ids.add(item["id"])
-            if kind == "choice":
-                choices = item["choices"]
-                if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                    raise EvalError(f"{where}: field 'choices' must list at least 2 non-empty strings")
-                if not 0 <= item["answer"] < len(choices):
-                    raise EvalError(
-                        f"{where}: field 'answer' must index 'choices' (0..{len(choices) - 1}) "
-                        f"but got {item['answer']}"
-                    )
-            items.append(item)
-    if not items:
-        raise EvalError(f"{path}: no items")
-    return items
+def _options(t: dict, kw: dict, where: str) -> None:
+    """The optional prompt/decoding keys, each checked with its type."""
+    types = {"system": str, "chat": bool, "target_delimiter": str, "preamble": str, "subject": str,
+             "metric": str, "hf_split": str, "max_new_tokens": int, "num_fewshot": int, "style": str}
+    for key, typ in types.items():
+        if key in t:
+            value = t[key]
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise EvalError(f"{where}.{key}: must be {typ.__name__} but got {value!r}")
+            kw[key] = value
+    if "style" in kw and kw["style"] not in ("cloze", "letters"):
+        raise EvalError(f"{where}.style: must be one of ['cloze', 'letters'] but got {kw['style']!r}")
+    if kw.get("max_new_tokens", 1) < 1:
+        raise EvalError(f"{where}.max_new_tokens: must be at least 1 but got {kw['max_new_tokens']}")
+    if "stop" in t:
+        stop = t["stop"]
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise EvalError(f"{where}.stop: must be a string or a list of non-empty strings but got {t['stop']!r}")
+        kw["stop"] = tuple(stop)
+    kind = kw["kind"]
+    if "metric" in kw and kind in METRICS and kw["metric"] not in METRICS[kind]:
+        raise EvalError(f"{where}.metric: must be one of {list(METRICS[kind])} for a {kind} task but got {kw['metric']!r}")

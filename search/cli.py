@@ -285,9 +285,12 @@ def bench_eval_cmd(as_json, batch_size, repeats, split, device, threads) -> None
     from search.bench.eval import bench_eval
     from search.merger import resolve_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    fig = bench_eval(split=split, batch_size=batch_size, repeats=repeats, device=str(resolve_device(device)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        fig = bench_eval(split=split, batch_size=batch_size, repeats=repeats, device=str(resolve_device(device)))
+    finally:
+        torch.set_num_threads(before)
     for task, t in fig["tasks"].items():
         click.echo(f"{task}: acc native {t['native']['acc']:.4f} lm-eval {t['lmeval']['acc']:.4f} "
                    f"(acc_norm {t['native']['acc_norm']:.4f} / {t['lmeval']['acc_norm']:.4f})")

@@ -80,7 +80,7 @@ def test_batched_logprobs_equal_an_unbatched_full_forward(tmp_path):
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([c + r])).logits[0].float(), -1)
             expected.append(sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(r)))
-    c, r = encode_pair(tok, render_prompt(tok, "一"), "大小", special=False)
+    c, r = encode_pair(tok, render_prompt(tok, "一"), "大小", special=False, move_whitespace=False)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([c + r])).logits[0].float(), -1)
     expected.append(sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(r)))
@@ -129,7 +129,7 @@ def test_unknown_suite_lists_the_available_ones(tmp_path):
     with pytest.raises(EvalError, match=r"Unknown suite 'nope'.*Available: .*demo"):
         load_suite("nope")
     (tmp_path / "suite.yaml").write_text("name: s\ntasks:\n  - {name: t, kind: guess, data: {dev: a.jsonl}}\n")
-    with pytest.raises(EvalError, match=r"suite\.yaml: tasks\[0\]\.kind: must be one of \['choice', 'reference'\] but got 'guess'"):
+    with pytest.raises(EvalError, match=r"suite\.yaml: tasks\[0\]\.kind: must be one of \['choice', 'reference', 'generate'\] but got 'guess'"):
         load_suite(tmp_path)
     with pytest.raises(EvalError, match="has no split 'test'"):
         _suite(tmp_path).tasks[0].items("test")

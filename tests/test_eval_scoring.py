@@ -1,0 +1,168 @@
+"""Scoring: prompts as lm-eval builds them, shared option rows, shards with per-example scores,
+greedy `generate` tasks and answer normalisation, and `merge-search eval` on a model folder."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tokenizers import decoders
+from transformers import LlamaForCausalLM
+
+from evaluation.generate import cut_at_stop
+from evaluation.prompts import answer_metrics, encode_pair, normalize_answer, render_prompt
+from evaluation.suite import EvalSuite
+from evaluation.tasks import load_suite
+from test_eval import constant_model
+from test_lmeval import char_tokenizer
+from tiny import tiny_config, tiny_tokenizer
+
+CHOICE = [
+    {"id": "c1", "question": "一二", "choices": ["大", "小", "是"], "answer": 1},
+    {"id": "c2", "question": "三", "choices": ["大小", "大是", "小"], "answer": 0},
+    {"id": "c3", "question": "四五六", "choices": ["的", "大大大", "大大"], "answer": 2},
+    {"id": "c4", "question": "七", "choices": ["一", "二"], "answer": 0},
+    {"id": "c5", "question": "八九", "choices": ["小的", "小是", "大的", "是"], "answer": 3},
+]
+GEN = [
+    {"id": "g1", "question": "一", "answer": "大大大"},
+    {"id": "g2", "question": "二", "answer": "大", "aliases": ["小"]},
+    {"id": "g3", "question": "三", "answer": "小"},
+]
+
+
+def _write(tmp_path, extra=""):
+    for name, rows in (("c", CHOICE), ("g", GEN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (tmp_path / "suite.yaml").write_text(
+        "name: mixed\ntasks:\n  - {name: pick, file: c.jsonl}\n"
+        f"  - {{name: letters, file: c.jsonl, style: letters}}\n  - {{name: say, file: g.jsonl, max_new_tokens: 3{extra}}}\n")
+    return load_suite(tmp_path)
+
+
+def _random_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+def test_normalisation_strips_full_width_and_chinese_punctuation():
+    assert normalize_answer("  １２０个。") == "120个"
+    assert normalize_answer("Ｈｅｌｌｏ，  World！") == "helloworld"
+    assert normalize_answer("《静夜思》——李白") == "静夜思李白"
+    assert normalize_answer("-5") != normalize_answer("5")
+    assert normalize_answer("3.5") == "3.5" and normalize_answer("3/4") == "3/4" and normalize_answer("1,000") == "1000"
+    assert answer_metrics("答案：120。", ["120", "一百二十"]) == {"exact_match": 0.0, "contains": 1.0}
+    assert answer_metrics("一百二十！", ["120", "一百二十"]) == {"exact_match": 1.0, "contains": 1.0}
+    assert cut_at_stop(" 四十七\n下一题", ("\n",)) == "四十七"
+
+
+def test_prompts_follow_lmeval():
+    tok = tiny_tokenizer()
+    chat = render_prompt(tok, "一", system="二", description="三")
+    assert chat == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n二\n\n三<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\n一<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    plain = tiny_tokenizer(chat=False)
+    assert render_prompt(plain, "一", description="三\n\n") == "三\n\n一"
+    # Trailing whitespace of the context is scored with the continuation; BOS as the tokenizer adds it.
+    ids = lambda s: plain(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert encode_pair(plain, "一 ", "二") == ([1] + ids("一"), ids(" 二"))
+    assert encode_pair(plain, "一 ", "二", move_whitespace=False) == ([1] + ids("一 "), ids("二"))
+    assert encode_pair(tok, render_prompt(tok, "一"), "二")[1] == ids("\n\n二")
+
+
+def test_ceval_prompt_and_system_prompt_settings(tmp_path):
+    csv = tmp_path / "my_exam.csv"
+    csv.write_text("id,question,A,B,C,D,answer\n0, 一二 ,三,四,五,六,B\n", encoding="utf-8")
+    tok = tiny_tokenizer()
+    suite = load_suite(csv)
+    evals = EvalSuite(suite, tok, "dev")
+    assert evals.settings(suite.tasks[0]) == (False, None)  # C-Eval data: no chat template unless asked
+    ctx, conts, chars = evals._loglik_prompt(suite.tasks[0], suite.tasks[0].items("dev")[0], False, None)
+    assert ctx == "以下是中国关于考试的单项选择题，请选出其中的正确答案。\n\n一二\nA. 三\nB. 四\nC. 五\nD. 六\n答案："
+    assert (conts, chars) == ([" A", " B", " C", " D"], [1, 1, 1, 1])
+    (tmp_path / "suite.yaml").write_text(
+        "name: s\nsystem: 九\ntasks:\n  - {name: a, file: my_exam.csv, subject: law}\n"
+        "  - {name: b, file: my_exam.csv, chat: true, system: 八}\n")
+    suite = load_suite(tmp_path)
+    evals = EvalSuite(suite, tok, "dev")
+    assert [evals.settings(t) for t in suite.tasks] == [(False, "九"), (True, "八")]
+    assert evals._loglik_prompt(suite.tasks[0], suite.tasks[0].items("dev")[0], False, None)[0].startswith("以下是中国关于法学的")
+    assert EvalSuite(suite, tok, "dev", system="七", chat=False).settings(suite.tasks[1]) == (False, "八")
+
+
+def test_options_share_one_trie_row_with_the_same_loglikelihoods(tmp_path):
+    suite, tok, model = _write(tmp_path), tiny_tokenizer(), _random_model()
+    shared = EvalSuite(suite, tok, "dev", batch_size=3)
+    alone = EvalSuite(suite, tok, "dev", batch_size=3, share_context=False)
+    batches = lambda s: [b for sh in s._shards for b in sh.batches]  # noqa: E731
+    # 15 options per style: one row each alone; shared, one row per item (the trie of its options).
+    assert [sum(b.input_ids.shape[0] for b in batches(s)) for s in (alone, shared)] == [30, 10]
+    # Only c5 branches (小的/小是 vs 大的 vs 是); options that are single tokens after the same
+    # input, or prefixes of one another, make chains, which need no mask.
+    assert sum(b.mask is not None for b in batches(shared)) == 1
+    torch.testing.assert_close(shared.sequence_logprobs(model), alone.sequence_logprobs(model), rtol=0, atol=1e-5)
+    a, b = shared.score(model), alone.score(model)
+    assert a.tasks["pick"] == b.tasks["pick"] and a.tasks["letters"] == b.tasks["letters"]
+
+
+def test_shards_yield_per_example_scores_and_the_same_total(tmp_path):
+    suite, tok, model = _write(tmp_path), tiny_tokenizer(), _random_model(3)
+    whole = EvalSuite(suite, tok, "dev", batch_size=2).score(model)
+    sharded = EvalSuite(suite, tok, "dev", batch_size=2, shards=3)
+    shards = list(sharded.score_shards(model))
+    assert [(s.index, s.n_shards) for s in shards] == [(0, 3), (1, 3), (2, 3)]
+    assert [sorted(s.examples) for s in shards] == [
+        ["letters/c1", "letters/c4", "pick/c1", "pick/c4", "say/g1"],
+        ["letters/c2", "letters/c5", "pick/c2", "pick/c5", "say/g2"],
+        ["letters/c3", "pick/c3", "say/g3"],
+    ]
+    merged = {k: v for s in shards for k, v in s.examples.items()}
+    assert merged == whole.examples and sorted(merged) == sorted(sharded.example_keys)
+    first = shards[0].result  # a running estimate over the examples seen so far
+    assert first.tasks["pick"]["acc"] == (merged["pick/c1"] + merged["pick/c4"]) / 2
+    assert shards[-1].result.tasks == whole.tasks and shards[-1].result.score == pytest.approx(whole.score)
+
+
+def test_generate_greedy_with_max_length_and_stop_strings(tmp_path):
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()  # decode chars without spaces between them
+    model = constant_model(tok)  # always predicts 大
+    result = EvalSuite(_write(tmp_path), tok, "dev", batch_size=2).score(model)
+    # "大大大" after 3 new tokens: g1 exact, g2 contains 大, g3 neither.
+    assert result.tasks["say"] == {"exact_match": 1 / 3, "contains": 2 / 3}
+    assert result.examples["say/g1"] == 1.0 and result.examples["say/g2"] == 0.0
+    stopped = EvalSuite(_write(tmp_path, extra=", stop: 大大"), tok, "dev").score(model)
+    assert stopped.tasks["say"] == {"exact_match": 0.0, "contains": 0.0}  # cut before "大大": empty
+    mixed = (result.tasks["pick"]["acc"] + result.tasks["letters"]["acc"] + 1 / 3) / 3
+    assert result.score == pytest.approx(mixed)
+
+
+def test_reference_score_is_bounded_and_named(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"id": "r1", "prompt": "一", "reference": "大小"}\n', encoding="utf-8")
+    tok = tiny_tokenizer()
+    result = EvalSuite(load_suite(tmp_path / "r.jsonl"), tok, "dev").score(_random_model())
+    lp = result.tasks["r"]["logprob"]
+    assert lp < 0 and result.tasks["r"]["prob"] == pytest.approx(math.exp(lp)) and 0 < result.score <= 1
+
+
+def test_cli_eval_prints_per_task_and_total_scores(tmp_path):
+    from search.cli import main
+
+    rows = [{"id": f"k{i}", "question": q, "choices": c, "answer": a}
+            for i, (q, c, a) in enumerate([("天是什么颜色", ["蓝色", "绿色"], 0), ("草是什么颜色", ["蓝色", "绿色"], 1)])]
+    data = tmp_path / "colours.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tok = char_tokenizer(data.read_text(encoding="utf-8"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok))).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = CliRunner().invoke(main, ["eval", str(tmp_path / "m"), "--suite", str(data), "--split", "dev", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    expected = EvalSuite(load_suite(data), tok, "dev").score(model)
+    assert report["primary_metric"] == {"colours": "acc"}
+    assert report["models"]["m"] == {"score": expected.score, "tasks": expected.tasks}
+    bad = CliRunner().invoke(main, ["eval", str(tmp_path / "m"), "--suite", "no-such-suite"])
+    assert bad.exit_code == 2 and "Unknown suite 'no-such-suite'" in bad.output
