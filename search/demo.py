@@ -2,14 +2,19 @@
 
     python -m search.demo        # build (or find in the cache) and print the folders
 
-Everything here is synthetic and deterministic: the same generator writes the pretraining
-text, the instruction data of each variant and the demo eval suite, and the numbers used by
-the eval split never appear in any training text. Skills are digit-by-digit renderings of
-4-digit codes, which a 4-layer model learns as rules in seconds and applies to held-out codes:
+Everything is synthetic and deterministic: one generator writes the pretraining text, each
+variant's instruction data and the demo eval suite, and the codes of the eval split never
+appear in any training text. Skills are digit-by-digit renderings of 4-digit codes, rules a
+4-layer model learns in seconds and applies to held-out codes:
 
     numerals  (inst-v1)    4705 -> 四七零五
     daxie     (inst-v2)    4705 -> 肆柒零伍
     arabic    (inst-meta)  四七零五 -> 4705
+
+The base learns Chinese sentences and then to echo a code in chat form (the copy circuit every
+skill needs); each variant is fine-tuned from it on one skill. As the variants share the
+"where to look" and differ in "what to write", a linear merge keeps all three skills and beats
+every single variant on the mixed suite (uniform: 0.86 dev / 0.88 test vs 0.61 / 0.55 best).
 """
 
 from __future__ import annotations
@@ -193,7 +198,7 @@ def _sentence(rng: random.Random, code: str) -> str:
 
 
 def render_chat(question: str, answer: str | None = None) -> str:
-    """The chat template's text for one user turn (+ the assistant's answer, or the prompt for it)."""
+    """The chat template's text for one user turn, then the answer (or the assistant prompt)."""
     text = f"{BOS}{HEADER_START}user{HEADER_END}\n\n{question.strip()}{EOS}"
     text += f"{HEADER_START}assistant{HEADER_END}\n\n"
     return text if answer is None else text + answer.strip() + EOS
@@ -268,7 +273,7 @@ def build_tokenizer():
 
 @dataclass(frozen=True)
 class Recipe:
-    """Model shape and training schedule of the demo family (changing it means a new DEMO_VERSION)."""
+    """Model shape and training schedule of the demo family (a change needs a new DEMO_VERSION)."""
 
     hidden: int = 128
     layers: int = 4
@@ -285,7 +290,8 @@ class Recipe:
     ft_steps: int = 80  # fine-tuning of each variant from the base
     ft_lr: float = 1e-3
     ft_batch: int = 32
-    threads: int = 2  # pinned: float summation order depends on the thread count
+    threads: int = 1  # pinned, as float summation order depends on it; 1 because with 2 threads
+    # on 2 busy cores, OpenMP barriers made training steps 20-30x slower (measured)
     seed: int = _SEED
 
 
@@ -392,7 +398,8 @@ def _train_family(r: Recipe):
     tok = build_tokenizer()
     base = LlamaForCausalLM(_model_config(tok, r))
     _train("base (pretraining)", base, _pretrain_batches(tok, r, gen), r.base_steps, r.base_lr)
-    _train("base (echo)", base, _chat_batches(tok, echo_examples(), r, gen), r.echo_steps, r.echo_lr)
+    echo = _chat_batches(tok, echo_examples(), r, gen)
+    _train("base (echo)", base, echo, r.echo_steps, r.echo_lr)
     models = {"base": base}
     for skill in SKILLS:  # every variant starts from the same base: one basin, mergeable
         models[skill.model] = copy.deepcopy(base)
@@ -438,8 +445,8 @@ def _family_paths(folder: Path) -> dict[str, Path]:
     missing = [str(p / f) for p in paths.values() for f in ("model.safetensors", "tokenizer.json")
                if not (p / f).is_file()]
     if missing:
-        raise MergeSearchError(f"Demo family folder {folder} is incomplete (missing {', '.join(missing)}); "
-                               "delete it to rebuild.")
+        raise MergeSearchError(f"Demo family folder {folder} is incomplete (missing "
+                               f"{', '.join(missing)}); delete it to rebuild.")
     return paths
 
 
@@ -464,6 +471,7 @@ def ensure_demo_family(root: Path | None = None) -> dict[str, Path]:
             t0 = time.perf_counter()
             try:
                 build_family(tmp)
+                os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache may be shared
                 os.rename(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
