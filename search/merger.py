@@ -22,6 +22,7 @@ streamed through a device staging buffer in chunks; still no disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.lru_cache(maxsize=1024)  # called per tensor and model on every trial: no syscalls then
 def model_key(path: str | Path) -> str:
     """How a model reference in a merge config is matched to a loaded source: its real path."""
     return os.path.realpath(os.path.expanduser(str(path)))
