@@ -153,7 +153,6 @@ class InMemoryMerger:
         if not sources:
             raise MergeSearchError("the merger needs at least one source")
         rows = list(sources) + ([base] if base is not None else [])
-        self.sources, self.base = list(sources), base
         self.keys = {model_key(ck.path): i for i, ck in enumerate(rows)}
         self.device, self.dtype = torch.device(device), dtype
         self.model = self._empty_model(rows[0])
@@ -306,7 +305,7 @@ class InMemoryMerger:
         kernel = self._kernel(rec.method)
         step = b - a if (self._compile and self.resident) else CHUNK
         members = [k for k in range(len(rows)) if k != rec.base]
-        w = torch.tensor([float(rec.params[k]["weight"]) for k in members], dtype=torch.float32, device=self.device)
+        w = self._weights(rec, members)
         divisor = _divisor(w, rec.method) if rec.shared["normalize"] else None
         for c in range(a, b, step):
             e = min(c + step, b)
@@ -316,6 +315,9 @@ class InMemoryMerger:
             else:
                 kernel(tuple(xs[k] for k in members), xs[rec.base], w, divisor, float(rec.shared["lambda"]),
                        self.out[c:e])
+
+    def _weights(self, rec: TensorRecipe, members: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([float(rec.params[k]["weight"]) for k in members], dtype=torch.float32, device=self.device)
 
     def _per_tensor(self, rec: TensorRecipe, rows: tuple[int, ...], seg: Segment, index: int) -> None:
         flat = self._slices(rows, seg.offset, seg.offset + seg.numel)
@@ -328,8 +330,7 @@ class InMemoryMerger:
             if not rec.shared["rescale"]:
                 members = [k for k in range(len(rows)) if k != rec.base]
                 check_recipe(rec)
-                w = torch.tensor([float(rec.params[k]["weight"]) for k in members], dtype=torch.float32,
-                                 device=self.device)
+                w = self._weights(rec, members)
                 ks = tuple(topk_count(seg.numel, rec.params[k]["density"]) for k in members)
                 self._kernel("ties")(tuple(flat[k] for k in members), flat[rec.base],
                                      tuple(ranks[k] for k in members), ks, w, bool(rec.shared["normalize"]),
