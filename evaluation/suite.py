@@ -32,7 +32,7 @@ import torch
 from evaluation.ceval import LETTERS, description, letters_text, subject_from_path
 from evaluation.errors import EvalError
 from evaluation.generate import GenBatch, generate, pack_prompts
-from evaluation.packing import Batch, build_rows, pack_rows, run_batches
+from evaluation.packing import Batch, Prefix, build_rows, pack_rows, run_batches
 from evaluation.prompts import answer_metrics, encode_pair, lm_encode, render_prompt, target_delimiter, uses_chat
 from evaluation.tasks import METRICS, Suite, Task
 
@@ -72,6 +72,7 @@ class _Plan:
 class _Shard:
     examples: list[tuple[int, int]]  # (plan index, item index)
     batches: list[Batch] = field(default_factory=list)
+    prefix: Prefix | None = None  # what the shard's rows begin with in common, run once per call
     gen_batches: list[GenBatch] = field(default_factory=list)
 
 
@@ -81,7 +82,8 @@ class EvalSuite:
     chat: False never uses a chat template; True uses it where the tokenizer has one (C-Eval
     data only when its task or suite says `chat: true`). system: a system prompt for every task
     that sets none. shards: score in this many shards (each example in one, interleaved).
-    share_context: score an item's options on one trie row (the context computed once).
+    share_context: score an item's options on one trie row (the context computed once), and run
+    the tokens that a batch's rows all begin with (template, system prompt, instruction) once.
     max_length: longest model input; longer ones lose their oldest context tokens, as lm-eval's.
     """
 
@@ -195,7 +197,8 @@ class EvalSuite:
                 first = plan.first_seq[ii]
                 items.append([(s, *seqs[s]) for s in range(first, first + len(plan.chars[ii]))])
             rows = build_rows(items, share)
-            shard.batches = pack_rows(rows, self.batch_size, self._pad_id, self.device)
+            shard.batches, shard.prefix = pack_rows(rows, self.batch_size, self._pad_id, self.device,
+                                                    share_prefix=share)
             for pi, iis in gen.items():
                 t = self._plans[pi].task
                 shard.gen_batches += pack_prompts([prompts[pi, ii] for ii in iis], [(pi, ii) for ii in iis],
@@ -216,7 +219,7 @@ class EvalSuite:
         """Summed log-probability of every scored continuation, float64 [n_sequences] on CPU."""
         totals = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
         for shard in self._shards:
-            run_batches(model, shard.batches, totals)
+            run_batches(model, shard.batches, totals, shard.prefix)
         return totals.cpu()
 
     def _item_metrics(self, plan: _Plan, ii: int, lp: torch.Tensor) -> dict[str, float]:
@@ -238,7 +241,7 @@ class EvalSuite:
         done: dict[int, dict[int, dict[str, float]]] = {pi: {} for pi in range(len(self._plans))}
         lm_metrics: dict[str, dict[str, float]] = {}
         for index, shard in enumerate(self._shards):
-            run_batches(model, shard.batches, lp)
+            run_batches(model, shard.batches, lp, shard.prefix)
             lp_cpu = lp.cpu()
             for gb in shard.gen_batches:
                 for (pi, ii), text in zip(gb.examples, generate(model, self.tokenizer, gb, self._pad_id)):

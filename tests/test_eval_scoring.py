@@ -98,12 +98,60 @@ def test_options_share_one_trie_row_with_the_same_loglikelihoods(tmp_path):
     batches = lambda s: [b for sh in s._shards for b in sh.batches]  # noqa: E731
     # 15 options per style: one row each alone; shared, one row per item (the trie of its options).
     assert [sum(b.input_ids.shape[0] for b in batches(s)) for s in (alone, shared)] == [30, 10]
-    # Only c5 branches (小的/小是 vs 大的 vs 是); options that are single tokens after the same
-    # input, or prefixes of one another, make chains, which need no mask.
-    assert sum(b.mask is not None for b in batches(shared)) == 1
+    # What rows begin with in common goes once into the prefix row: the chat template's header
+    # (9 tokens) and each question (一二, 三, 四五六, 七, 八九: both styles of an item start with it).
+    prefix = shared._shards[0].prefix
+    assert "".join(tok.convert_ids_to_tokens(prefix.input_ids[0].tolist())[2:]) == "user<|end_header_id|>\n\n一二三四五六七八九"
+    assert prefix.input_ids.shape[1] == 18 and alone._shards[0].prefix is None
+    assert sum(b.input_ids.numel() for b in batches(shared)) < sum(b.input_ids.numel() for b in batches(alone)) / 2
     torch.testing.assert_close(shared.sequence_logprobs(model), alone.sequence_logprobs(model), rtol=0, atol=1e-5)
     a, b = shared.score(model), alone.score(model)
     assert a.tasks["pick"] == b.tasks["pick"] and a.tasks["letters"] == b.tasks["letters"]
+
+
+def _rows():
+    from evaluation.packing import build_rows
+
+    a = [(0, [1, 2, 3, 4, 5, 6, 10], [20]), (1, [1, 2, 3, 4, 5, 6, 10], [21])]  # one chain, scored at node 6
+    b = [(2, [1, 2, 3, 4, 5, 6, 11, 12, 20], [20, 22])]  # shares 6 tokens with a
+    c = [(3, [1, 2, 3, 9], [20])]  # shares 3 (< MIN_PREFIX): no prefix
+    d = [(4, [1, 2, 3, 4, 5, 30], [30]), (5, [1, 2, 3, 4, 31, 32], [31, 32])]  # branches after node 3
+    return build_rows([a, b, c, d], share=True)
+
+
+def test_rows_share_their_common_start_once_at_the_right_positions():
+    from evaluation.packing import _prefix_lengths, _shareable, pack_rows, run_batches
+
+    rows = _rows()
+    assert [_shareable(r) for r in rows] == [6, 7, 3, 4]  # d: the branch hangs from node 3
+    assert _prefix_lengths(rows) == [6, 6, 0, 4]
+    batches, prefix = pack_rows(rows, 8, 0, torch.device("cpu"), share_prefix=True)
+    assert prefix.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]] and prefix.position_ids.tolist() == [[0, 1, 2, 3, 4, 5]]
+    (b,) = batches  # rows by length without their prefix: c [1 2 3 9], d (trie), b [11 12 20], a [10]
+    assert b.input_ids.tolist() == [[1, 2, 3, 9], [5, 30, 31, 32], [11, 12, 20, 0], [10, 0, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3], [4, 5, 4, 5], [6, 7, 8, 6], [6, 6, 6, 6]]
+    assert b.prefix_nodes.tolist() == [[0] * 6, [0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert b.mask.shape == (4, 1, 4, 10)
+    assert b.mask[1, 0, 2].tolist() == [True] * 4 + [False] * 2 + [False, False, True, False]  # 31: prefix + itself
+    assert b.mask[0, 0, 3].tolist() == [False] * 6 + [True] * 4  # c: no prefix, causal
+
+    model = _random_model(1)
+    for attn in ("sdpa", "eager"):
+        model.config._attn_implementation = attn
+        totals = [torch.zeros(6, dtype=torch.float64) for _ in range(2)]
+        run_batches(model, batches, totals[0], prefix)
+        for row in _rows_alone():  # every sequence on a row of its own, no mask
+            run_batches(model, pack_rows([row], 1, 0, torch.device("cpu"))[0], totals[1])
+        torch.testing.assert_close(totals[0], totals[1], rtol=0, atol=1e-5)
+
+
+def _rows_alone():
+    from evaluation.packing import build_rows
+
+    flat = [(0, [1, 2, 3, 4, 5, 6, 10], [20]), (1, [1, 2, 3, 4, 5, 6, 10], [21]),
+            (2, [1, 2, 3, 4, 5, 6, 11, 12, 20], [20, 22]), (3, [1, 2, 3, 9], [20]),
+            (4, [1, 2, 3, 4, 5, 30], [30]), (5, [1, 2, 3, 4, 31, 32], [31, 32])]
+    return build_rows([[o] for o in flat], share=False)
 
 
 def test_shards_yield_per_example_scores_and_the_same_total(tmp_path):
@@ -166,3 +214,16 @@ def test_cli_eval_prints_per_task_and_total_scores(tmp_path):
     assert report["models"]["m"] == {"score": expected.score, "tasks": expected.tasks}
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "m"), "--suite", "no-such-suite"])
     assert bad.exit_code == 2 and "Unknown suite 'no-such-suite'" in bad.output
+
+
+def test_custom_masks_refuse_rows_longer_than_a_sliding_window():
+    from evaluation.errors import EvalError
+    from evaluation.packing import pack_rows, run_batches
+
+    batches, prefix = pack_rows(_rows(), 8, 0, torch.device("cpu"), share_prefix=True)
+    model = _random_model(1)
+    model.config.sliding_window = 8  # rows reach position 8: 9 positions
+    with pytest.raises(EvalError, match="rows of 9 tokens exceed the model's sliding window of 8"):
+        run_batches(model, batches, torch.zeros(6, dtype=torch.float64), prefix)
+    model.config.sliding_window = 9
+    run_batches(model, batches, torch.zeros(6, dtype=torch.float64), prefix)
