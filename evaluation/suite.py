@@ -205,6 +205,11 @@ class EvalSuite:
                                                   self.batch_size, self._pad_id, t.max_new_tokens, t.stop, self.device)
         return shards
 
+    def score_terms(self) -> dict[str, dict]:
+        """What the suite score is made of: per task (in order) its kind, the metric that enters
+        the weighted mean, and its weight."""
+        return {t.name: {"kind": t.kind, "metric": t.primary_metric, "weight": t.weight} for t in self.tasks}
+
     # ------------------------------------------------------------------ scoring
 
     @property

@@ -198,9 +198,10 @@ def eval_(target, suite, split, device, batch_size, system, chat) -> None:
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 def leaderboard(run_dir, storage, study_name, fmt) -> None:
     """Print the leaderboard of a run folder or a study."""
-    from search.report import leaderboard_rows, render
+    from search.report import leaderboard_rows, render, score_note
 
-    click.echo(render(leaderboard_rows(_storage_args(run_dir, storage, study_name)), fmt), nl=False)
+    study = _storage_args(run_dir, storage, study_name)
+    click.echo(render(leaderboard_rows(study), fmt, score_note(study)), nl=False)
 
 
 @main.command()

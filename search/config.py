@@ -64,6 +64,8 @@ class EvalSpec(_Model):
     test_split: str | None = "test"  # held-out split re-scored for the leaderboard; null = none
     rescore_top: int = Field(default=3, ge=0)  # top candidates re-scored on test_split
     batch_size: int = Field(default=32, ge=1)
+    system: str | None = None  # system prompt for every task that sets none (chat templates only)
+    chat: bool = True  # false: never use the tokenizer's chat template
 
 
 class StudySpec(_Model):

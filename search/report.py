@@ -1,8 +1,10 @@
 """Leaderboards and run outputs, read back from the Optuna study alone.
 
-Columns: rank, trial, label, dev_score, test_score, then one weight column per model, then the
-per-task primary metrics on the search split. `label` is a source's name for single-source
-baselines, `uniform` for the uniform average, else `trial N`.
+Columns: rank, trial, label, dev_score, test_score, then one weight column per model, then, per
+task, the metric that enters the score on the search split (`dev:<task>:<metric>`). `label` is a
+source's name for single-source baselines, `uniform` for the uniform average, else `trial N`.
+The markdown leaderboard ends with a note saying what the score is a mean of, and what each
+metric means (`prob` for reference tasks: exp of the mean per-token log-probability).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import optuna
 
 from search.export import to_yaml
-from search.study import TEST_ATTR
+from search.study import EVAL_ATTR, TEST_ATTR
 
 FORMATS = ("md", "csv", "json")
 
@@ -27,6 +29,7 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     done = sorted(done, key=lambda t: (-t.value, t.number))
     tests = study.user_attrs
+    terms = study.user_attrs.get(EVAL_ATTR, {}).get("terms", {})
     rows = []
     for rank, t in enumerate(done, start=1):
         test = tests.get(f"{TEST_ATTR}{t.number}")
@@ -39,7 +42,7 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
         }
         row.update({f"w:{k}": v for k, v in t.user_attrs.get("weights", {}).items()})
         for task, metrics in t.user_attrs.get("scores", {}).items():
-            key = "acc" if "acc" in metrics else next(iter(metrics))
+            key = terms[task]["metric"] if task in terms else "acc" if "acc" in metrics else next(iter(metrics))
             row[f"dev:{task}:{key}"] = metrics[key]
         rows.append(row)
     return rows
@@ -53,13 +56,39 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def to_markdown(rows: list[dict]) -> str:
+# What each metric that can enter a score means, for the leaderboard's note.
+METRIC_MEANING = {
+    "acc": "the share of items whose answer option has the highest log-likelihood (lm-eval's acc)",
+    "acc_norm": "as acc, each option's log-likelihood divided by its length in characters (lm-eval's acc_norm)",
+    "prob": "exp of the mean per-token log-probability of the reference answer, in (0, 1] (the bounded "
+            "form of `logprob`)",
+    "logprob": "the mean per-token log-probability of the reference answer (unbounded, <= 0)",
+    "exact_match": "greedy answer equal to a reference after normalisation",
+    "contains": "greedy answer containing a reference after normalisation",
+}
+
+
+def score_note(study: optuna.Study) -> str:
+    """One paragraph: the score is the weighted mean of which metric of which task, on which split."""
+    scoring = study.user_attrs.get(EVAL_ATTR)
+    if not scoring:
+        return ""
+    terms = scoring["terms"]
+    parts = [f"{task} `{t['metric']}` (×{t['weight']:g})" for task, t in terms.items()]
+    used = dict.fromkeys(t["metric"] for t in terms.values())
+    lines = [f"dev_score: the weighted mean, on split `{scoring['split']}` of suite `{scoring['suite']}`, "
+             f"of {', '.join(parts)}. test_score: the same on the held-out split."]
+    lines += [f"- `{m}`: {METRIC_MEANING[m]}" for m in used if m in METRIC_MEANING]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: list[dict], note: str = "") -> str:
     if not rows:
         return "(no completed trials)\n"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{note}" if note else "")
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -71,9 +100,9 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def render(rows: list[dict], fmt: str) -> str:
+def render(rows: list[dict], fmt: str, note: str = "") -> str:
     if fmt == "md":
-        return to_markdown(rows)
+        return to_markdown(rows, note)
     if fmt == "csv":
         return to_csv(rows)
     return json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
@@ -125,9 +154,10 @@ def write_outputs(study: optuna.Study, out_dir: Path) -> dict:
         "test_score": test["score"] if test else None,
         "dev_tasks": best.user_attrs.get("scores"),
         "test_tasks": test["tasks"] if test else None,
+        "score_terms": study.user_attrs.get(EVAL_ATTR, {}).get("terms"),  # the metric of each task in the score
     }
     _write(out_dir / "best.yaml", to_yaml(trial_config(best)))
     _write(out_dir / "best.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
-    _write(out_dir / "leaderboard.md", to_markdown(rows))
+    _write(out_dir / "leaderboard.md", to_markdown(rows, score_note(study)))
     _write(out_dir / "leaderboard.csv", to_csv(rows))
     return summary

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TEST_ATTR = "test/"  # study user attr prefix: "test/<trial number>" -> held-out re-score
 MERGE_ATTR = "merge"  # study user attr: the merge setup (models, method, space), checked on resume
+EVAL_ATTR = "eval"  # study user attr: what the trial values are (suite, split, prompts, score terms), checked on resume
 
 
 # Methods whose base is a model of its own (slerp's base is one of its two models).
@@ -135,10 +136,16 @@ class Searcher:
         )
         tokenizer = AutoTokenizer.from_pretrained(sources[0].path)
         suite = load_suite(cfg.eval.suite)
-        kw = dict(batch_size=cfg.eval.batch_size, device=device)
+        kw = dict(batch_size=cfg.eval.batch_size, device=device, system=cfg.eval.system, chat=cfg.eval.chat)
         search_suite = EvalSuite(suite, tokenizer, cfg.eval.search_split, **kw)
         test_suite = EvalSuite(suite, tokenizer, cfg.eval.test_split, **kw) if cfg.eval.test_split else None
         return cls(cfg, sources + ([base] if base else []), merger, space, search_suite, test_suite)
+
+    def scoring(self) -> dict:
+        """What a trial's value is: the suite, the split, the prompt settings and the score terms."""
+        e = self.cfg.eval
+        return {"suite": self.search_suite.suite.name, "split": e.search_split, "system": e.system,
+                "chat": e.chat, "terms": self.search_suite.score_terms()}
 
     def evaluate(self, merge_config: dict, suite: EvalSuite) -> SuiteResult:
         self.merger.apply(merge_config)
@@ -201,6 +208,15 @@ def run_search(
                 f"({', '.join(changed)} differ): use another --study-name"
             )
         study.set_user_attr(MERGE_ATTR, merge)
+        scoring = searcher.scoring()
+        before = study.user_attrs.get(EVAL_ATTR)
+        if before and before != scoring:
+            changed = sorted(k for k in set(before) | set(scoring) if before.get(k) != scoring.get(k))
+            raise MergeSearchError(
+                f"study {cfg.study_name!r} in {cfg.storage_url} was scored with another eval setup "
+                f"({', '.join(changed)} differ), so its trial values would not compare: use another --study-name"
+            )
+        study.set_user_attr(EVAL_ATTR, scoring)
         searcher.enqueue_baselines(study)
         if remaining > 0:
             log.info("study %r: %d finished trials, running %d more", cfg.study_name,

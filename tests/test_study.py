@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import optuna
 import pytest
@@ -172,3 +173,48 @@ def test_a_ties_search_with_layer_groups_exports_exactly_the_scored_candidate(se
     written = load_file(str(tmp_path / "merged" / "model.safetensors"))
     live = merger.model.state_dict()
     assert all(torch.equal(live[k], v) for k, v in written.items())
+
+
+def test_the_leaderboard_says_which_metric_of_each_task_makes_the_score(setup, tmp_path):
+    config, _, root = setup
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("c.dev.jsonl", "c.test.jsonl"):
+        (suite / name).write_text((root / "suite" / name).read_text())
+    refs = [{"id": f"r{i}", "prompt": p, "reference": r} for i, (p, r) in enumerate([("一二", "三"), ("大", "小的")])]
+    (suite / "r.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in refs))
+    (suite / "suite.yaml").write_text(
+        "name: mixed\ntasks:\n  - {name: c, kind: choice, data: {dev: c.dev.jsonl, test: c.test.jsonl}}\n"
+        "  - {name: r, kind: reference, weight: 3, data: {dev: r.jsonl, test: r.jsonl}}\n")
+    data = yaml.safe_load(config.read_text())
+    data.update(name="mixed", out=str(tmp_path / "run"))
+    data["eval"].update(suite=str(suite), system="你好")
+    data["study"]["n_trials"] = 4
+    cfg_path = tmp_path / "mixed.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(cfg_path)]).exit_code == 0
+    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    for t in study.trials:  # the score is the weighted mean of c's acc and r's prob
+        s = t.user_attrs["scores"]
+        assert t.value == pytest.approx((s["c"]["acc"] + 3 * s["r"]["prob"]) / 4, abs=1e-12)
+        # per item prob = exp(logprob); the task means: mean(exp) >= exp(mean) (Jensen)
+        assert 0 < s["r"]["prob"] <= 1 and s["r"]["prob"] >= math.exp(s["r"]["logprob"])
+    rows = list(csv.DictReader(open(tmp_path / "run" / "leaderboard.csv")))
+    assert [c for c in rows[0] if c.startswith("dev:")] == ["dev:c:acc", "dev:r:prob"]
+    md = (tmp_path / "run" / "leaderboard.md").read_text()
+    assert "dev_score: the weighted mean, on split `dev` of suite `mixed`, of c `acc` (×1), r `prob` (×3)." in md
+    assert "- `prob`: exp of the mean per-token log-probability of the reference answer, in (0, 1]" in md
+    assert runner.invoke(main, ["leaderboard", str(tmp_path / "run")]).output == md
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["score_terms"]["r"] == {"kind": "reference", "metric": "prob", "weight": 3.0}
+
+    # another system prompt gives other values: resuming that study is refused, nothing is run
+    data["eval"]["system"] = "您好"
+    cfg_path.write_text(yaml.safe_dump(data))
+    r = runner.invoke(main, ["run", str(cfg_path), "--trials", "6"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: study 'mixed' in sqlite:///{tmp_path / 'run' / 'study.db'} was scored with another eval setup "
+        "(system differ), so its trial values would not compare: use another --study-name")
+    assert len(optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials) == 4
