@@ -104,7 +104,7 @@ def run(config, trials, timeout, storage, study_name, out, device) -> None:
     leaderboard.csv. Running again with the same storage and study name resumes.
     """
     from search.config import load_config
-    from search.report import leaderboard_rows, write_outputs
+    from search.report import leaderboard_rows, score_note, write_outputs
     from search.study import run_search
 
     cfg = load_config(
@@ -130,6 +130,9 @@ def run(config, trials, timeout, storage, study_name, out, device) -> None:
         study = run_search(cfg, on_trial=on_trial)
     summary = write_outputs(study, cfg.out_dir)
     _print_leaderboard(leaderboard_rows(study))
+    note = score_note(study)
+    if note:  # what dev_score is a mean of
+        click.echo(note.splitlines()[0])
     test = f", test {summary['test_score']:.4f}" if summary["test_score"] is not None else ""
     click.echo(f"best: {summary['label']} (dev {summary['dev_score']:.4f}{test}); outputs in {cfg.out_dir}/")
 

@@ -26,6 +26,7 @@ def test_the_demo_writes_every_output(demo_run, demo_family):
     for name in ("study.db", "best.yaml", "best.json", "leaderboard.md", "leaderboard.csv"):
         assert (out / name).is_file(), name
     assert "best:" in output
+    assert "dev_score: the weighted mean, on split `dev` of suite `demo`, of numerals `acc` (×1)" in output
     config = yaml.safe_load((out / "best.yaml").read_text())
     assert [m["model"] for m in config["models"]] == [str(demo_family[n].resolve()) for n in SOURCES]
 
