@@ -17,6 +17,7 @@ plus "passage" when the row has one. Accepted rows:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,19 +34,30 @@ def is_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
+def _text(path: Path) -> str:
+    """A data file's text; not UTF-8 (a GBK export, say) is an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise EvalError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+
+
 def iter_rows(path: Path, hf_split: str | None = None) -> Iterator[tuple[str, dict]]:
     """(where, row) for every row of a JSONL or CSV file or a `datasets` folder."""
     path = Path(path)
     if is_dataset_dir(path):
         yield from _dataset_rows(path, hf_split)
-    elif path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", {k.strip(): v for k, v in row.items() if k}
-    elif path.suffix.lower() == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return
+    text = _text(path)
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k.strip(): v for k, v in row.items() if k}
+    elif path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise EvalError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
         for i, row in enumerate(rows):
@@ -53,17 +65,16 @@ def iter_rows(path: Path, hf_split: str | None = None) -> Iterator[tuple[str, di
                 raise EvalError(f"{path}[{i}]: expected a JSON object")
             yield f"{path}[{i}]", row
     else:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise EvalError(f"{path}:{n}: expected a JSON object")
-                yield f"{path}:{n}", row
+        for n, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{n}: not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{n}: expected a JSON object")
+            yield f"{path}:{n}", row
 
 
 def _dataset_rows(path: Path, hf_split: str | None) -> Iterator[tuple[str, dict]]:
@@ -98,8 +109,7 @@ def _letters(row: dict) -> list[str]:
 
 def row_layout(row: dict) -> tuple[str, str] | None:
     """(kind, layout) from a row's columns; layout "ceval" (A, B, ... columns) or "native"."""
-    low = _lower(row)
-    if len(_letters(row)) >= 2 and "answer" in low:
+    if len(_letters(row)) >= 2:  # (a missing `answer` is then reported by name)
         return "choice", "ceval"
     if "choices" in row:
         return "choice", "native"
@@ -167,6 +177,9 @@ def _validate(row: dict, kind: str, where: str, default_id: str) -> dict:
     if kind == "choice" and ceval:
         letters = _letters(row)
         item["choices"] = [str(_field(row, (x,), (str, int, float), where)) for x in letters]
+        for letter, choice in zip(letters, item["choices"]):
+            if not choice.strip():
+                raise EvalError(f"{where}: field {letter!r} is empty")
         answer = str(_field(row, ("answer",), (str,), where)).strip()
         if answer not in letters:
             raise EvalError(f"{where}: field 'answer' must be one of {letters} but got {answer!r}")

@@ -79,8 +79,9 @@ class _Shard:
 class EvalSuite:
     """One split of a suite, tokenized once, scored on any model that shares the tokenizer.
 
-    chat: False never uses a chat template; True uses it where the tokenizer has one (C-Eval
-    data only when its task or suite says `chat: true`). system: a system prompt for every task
+    chat: None follows each task, then the suite: the tokenizer's chat template where it has one,
+    except for C-Eval data and lm-eval tasks (only when they say `chat: true`); True uses the
+    template for every task, False for none. system: a system prompt for every task
     that sets none. shards: score in this many shards (each example in one, interleaved).
     share_context: score an item's options on one trie row (the context computed once), and run
     the tokens that a batch's rows all begin with (template, system prompt, instruction) once.
@@ -88,7 +89,7 @@ class EvalSuite:
     """
 
     def __init__(self, suite: Suite, tokenizer, split: str, *, batch_size: int = 32,
-                 device: str | torch.device = "cpu", chat: bool = True, system: str | None = None,
+                 device: str | torch.device = "cpu", chat: bool | None = None, system: str | None = None,
                  max_length: int | None = None, shards: int = 1, share_context: bool = True):
         if batch_size < 1:
             raise EvalError(f"batch_size must be at least 1 but got {batch_size}")
@@ -96,7 +97,8 @@ class EvalSuite:
             raise EvalError(f"shards must be at least 1 but got {shards}")
         self.suite, self.split, self.device = suite, split, torch.device(device)
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
-        self.tasks: list[Task] = suite.tasks
+        # lm-eval entries serve the splits they name (every split when they name none)
+        self.tasks: list[Task] = [t for t in suite.tasks if not t.lm_splits or split in t.lm_splits]
         self._chat, self._system = chat, system
         pad = tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -139,15 +141,17 @@ class EvalSuite:
     def settings(self, task: Task) -> tuple[bool, str | None]:
         """(use the chat template, system prompt) of one task: its own setting, else the suite's.
 
-        The constructor's chat=False turns templates off everywhere; its system prompt goes to
+        The constructor's chat (True/False) decides for every task; its system prompt goes to
         every task that sets none (before the suite's)."""
-        if task.chat is not None:
+        if self._chat is not None:
+            chat = self._chat
+        elif task.chat is not None:
             chat = task.chat
         elif self.suite.chat is not None:
             chat = self.suite.chat
         else:  # C-Eval data and lm-eval tasks are scored without a template unless asked
             chat = task.layout != "ceval" and task.kind != "lmeval"
-        chat = uses_chat(self.tokenizer, self._chat and chat)
+        chat = uses_chat(self.tokenizer, chat)
         system = task.system if task.system is not None else self._system if self._system is not None else self.suite.system
         return chat, system
 

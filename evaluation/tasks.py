@@ -14,7 +14,8 @@
       - name: squad-zh
         file: my_dataset_folder      # a datasets.save_to_disk folder
         hf_split: validation
-      - lmeval: ceval-valid_accountant       # an lm-eval task by name or YAML path (lmeval.py)
+      - lmeval: ceval-valid_accountant       # an lm-eval task by name or YAML path (lmeval.py);
+        split: dev                           # scored in these splits only (default: every split)
 
 Paths are relative to the suite file. Task keys beyond these (system, chat, target_delimiter,
 preamble, subject, max_new_tokens, stop, metric, num_fewshot) are described in evaluation/README.md.
@@ -67,6 +68,7 @@ class Task:
     hf_split: str | None = None  # split of a DatasetDict folder
     lmeval: str | None = None  # lm-eval task name or YAML path
     num_fewshot: int | None = None  # lmeval
+    lm_splits: tuple[str, ...] = ()  # lmeval: the splits it is scored in (`split:`); () every split
 
     def file(self, split: str) -> Path:
         if split in self.files:
@@ -98,6 +100,14 @@ class Suite:
         return set.intersection(*named) if named else set()
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads lm-eval's tags (`!function utils.process_docs`) as plain values: a
+    suite file needs none, and an lm-eval task YAML is only told apart here (lm-eval loads it)."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix} {getattr(node, 'value', '')}")
+
+
 def available_suites() -> list[str]:
     return sorted(p.parent.name for p in DATA_DIR.glob("*/suite.yaml"))
 
@@ -119,9 +129,14 @@ def load_suite(name_or_path: str | Path) -> Suite:
         task = _task({"name": path.stem, "file": path.name}, path.parent, f"{path}")
         return Suite(name=path.stem, path=path, tasks=[task])
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise EvalError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise EvalError(f"{path}{at}: not valid YAML: {what}") from None
     if isinstance(spec, dict) and "task" in spec and "tasks" not in spec:  # one lm-eval task YAML
         name = str(spec["task"])
         return Suite(name=name, path=path, tasks=[_task({"lmeval": str(path.resolve())}, path.parent, str(path))])
@@ -163,7 +178,7 @@ def _task(t: object, base: Path, where: str) -> Task:
             if not local.is_file():
                 raise EvalError(f"{where}.lmeval: file not found: {local}")
             spec = str(local.resolve())
-        kw.update(kind="lmeval", lmeval=spec, files={})
+        kw.update(kind="lmeval", lmeval=spec, files={}, lm_splits=tuple(_splits(t, where)) if "split" in t else ())
         default_name = Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
     else:
         if "data" in t:
@@ -172,11 +187,7 @@ def _task(t: object, base: Path, where: str) -> Task:
                 raise EvalError(f"{where}.data: expected a mapping split -> file but got {data!r}")
             files = {str(split): base / str(f) for split, f in data.items()}
         else:
-            split = t.get("split", ANY_SPLIT)
-            splits = split if isinstance(split, list) else [split]
-            if not splits or not all(isinstance(s, str) and s for s in splits):
-                raise EvalError(f"{where}.split: must be a split name or a list of them but got {split!r}")
-            files = {s: base / str(t["file"]) for s in splits}
+            files = {s: base / str(t["file"]) for s in _splits(t, where)}
         for split, f in files.items():
             if not f.exists():
                 raise EvalError(f"{where}.{'data.' + split if 'data' in t else 'file'}: file not found: {f}")
@@ -196,6 +207,14 @@ def _task(t: object, base: Path, where: str) -> Task:
     kw.update(name=name, weight=float(weight), description=str(t.get("description", "")))
     _options(t, kw, where)
     return Task(**kw)
+
+
+def _splits(t: dict, where: str) -> list[str]:
+    split = t.get("split", ANY_SPLIT)
+    splits = split if isinstance(split, list) else [split]
+    if not splits or not all(isinstance(s, str) and s for s in splits):
+        raise EvalError(f"{where}.split: must be a split name or a list of them but got {split!r}")
+    return splits
 
 
 def _options(t: dict, kw: dict, where: str) -> None:

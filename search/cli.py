@@ -159,7 +159,8 @@ def check(config) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--system", help="System prompt for tasks that set none.")
-@click.option("--chat/--no-chat", default=True, show_default=True, help="Use the tokenizer's chat template.")
+@click.option("--chat/--no-chat", default=None, help="Use the tokenizer's chat template for every task / for none "
+              "(default: as each task and suite say; C-Eval data and lm-eval tasks without it).")
 def eval_(target, suite, split, device, batch_size, system, chat) -> None:
     """Score one model folder, or every source of a config, and print JSON (per task and total)."""
     import torch

@@ -65,7 +65,7 @@ class EvalSpec(_Model):
     rescore_top: int = Field(default=3, ge=0)  # top candidates re-scored on test_split
     batch_size: int = Field(default=32, ge=1)
     system: str | None = None  # system prompt for every task that sets none (chat templates only)
-    chat: bool = True  # false: never use the tokenizer's chat template
+    chat: bool | None = None  # true/false: the tokenizer's chat template for every task/none; null: as the suite says
 
 
 class StudySpec(_Model):

@@ -109,6 +109,28 @@ def test_bad_user_data_names_file_line_and_field(tmp_path):
         load_suite(odd)
 
 
+def test_unreadable_files_and_missing_ceval_fields_give_one_line(tmp_path):
+    gbk = tmp_path / "gbk.csv"  # an Excel export in GBK
+    gbk.write_bytes("id,question,A,B,C,D,answer\n0,一二,三,四,五,六,A\n".encode("gbk"))
+    with pytest.raises(EvalError, match=r"gbk\.csv:2: not UTF-8 text \(byte 31\): save the file as UTF-8$"):
+        load_suite(gbk)
+    noanswer = tmp_path / "noanswer.csv"
+    noanswer.write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n", encoding="utf-8")
+    with pytest.raises(EvalError, match=r"noanswer\.csv:2: field 'answer' is missing$"):
+        load_suite(noanswer).tasks[0].items("dev")
+    hole = tmp_path / "hole.csv"
+    hole.write_text("id,question,A,B,C,D,answer\n0,q,a,b, ,d,A\n", encoding="utf-8")
+    with pytest.raises(EvalError, match=r"hole\.csv:2: field 'C' is empty$"):
+        load_suite(hole).tasks[0].items("dev")
+    (tmp_path / "broken.yaml").write_text("name: s\ntasks: [\n", encoding="utf-8")
+    with pytest.raises(EvalError) as e:
+        load_suite(tmp_path / "broken.yaml")
+    assert str(e.value) == f"{tmp_path / 'broken.yaml'}:3: not valid YAML: expected the node content, but found '<stream end>'"
+    # JSON strings may hold U+2028 (a line break to str.splitlines, not to JSONL)
+    sep = _jsonl(tmp_path / "sep.jsonl", [{"id": "1", "question": "a\u2028b", "choices": ["x", "y"], "answer": 0}])
+    assert read_items(sep, "choice")[0]["text"] == "a\u2028b"
+
+
 def test_suite_yaml_keys_are_checked(tmp_path):
     _jsonl(tmp_path / "c.jsonl", [{"id": "1", "question": "q", "choices": ["a", "b"], "answer": 1}])
     cases = {

@@ -78,6 +78,7 @@ def test_ceval_prompt_and_system_prompt_settings(tmp_path):
     suite = load_suite(csv)
     evals = EvalSuite(suite, tok, "dev")
     assert evals.settings(suite.tasks[0]) == (False, None)  # C-Eval data: no chat template unless asked
+    assert EvalSuite(suite, tok, "dev", chat=True).settings(suite.tasks[0]) == (True, None)  # asked (--chat)
     ctx, conts, chars = evals._loglik_prompt(suite.tasks[0], suite.tasks[0].items("dev")[0], False, None)
     assert ctx == "以下是中国关于考试的单项选择题，请选出其中的正确答案。\n\n一二\nA. 三\nB. 四\nC. 五\nD. 六\n答案："
     assert (conts, chars) == ([" A", " B", " C", " D"], [1, 1, 1, 1])
@@ -212,6 +213,10 @@ def test_cli_eval_prints_per_task_and_total_scores(tmp_path):
     expected = EvalSuite(load_suite(data), tok, "dev").score(model)
     assert report["primary_metric"] == {"colours": "acc"}
     assert report["models"]["m"] == {"score": expected.score, "tasks": expected.tasks}
+    for flag, chat in (("--chat", True), ("--no-chat", False)):  # the template for every task, or for none
+        out = CliRunner().invoke(main, ["eval", str(tmp_path / "m"), "--suite", str(data), "--device", "cpu", flag])
+        expected = EvalSuite(load_suite(data), tok, "dev", chat=chat).score(model)
+        assert json.loads(out.stdout)["models"]["m"] == {"score": expected.score, "tasks": expected.tasks}
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "m"), "--suite", "no-such-suite"])
     assert bad.exit_code == 2 and "Unknown suite 'no-such-suite'" in bad.output
 
@@ -227,3 +232,22 @@ def test_custom_masks_refuse_rows_longer_than_a_sliding_window():
         run_batches(model, batches, torch.zeros(6, dtype=torch.float64), prefix)
     model.config.sliding_window = 9
     run_batches(model, batches, torch.zeros(6, dtype=torch.float64), prefix)
+
+
+def test_the_output_head_runs_only_at_scored_positions(tmp_path):
+    suite, tok, model = _write(tmp_path), tiny_tokenizer(), _random_model()
+    evals = EvalSuite(suite, tok, "dev", batch_size=4)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape))
+    try:
+        evals.sequence_logprobs(model)
+    finally:
+        hook.remove()
+    batches = [b for sh in evals._shards for b in sh.batches]
+    # one 2-D call per batch, on its distinct scored positions only: one per target token, less
+    # those an item's options share (the last context token predicts every option's first token)
+    assert rows == [(len(b.positions), model.config.hidden_size) for b in batches]
+    targets = sum(len(b.targets) for b in batches)
+    assert sum(r[0] for r in rows) < targets
+    positions = sum(b.input_ids.numel() for b in batches)
+    assert sum(r[0] for r in rows) < positions / 2

@@ -168,6 +168,23 @@ def test_an_lmeval_task_yaml_is_a_suite(setup):
     assert bridged.score(model).tasks[suite.tasks[0].name]["acc"] == native.score(model).tasks["knowledge"]["acc"]
 
 
+def test_lmeval_yamls_with_function_tags_and_entries_tied_to_a_split(setup, tmp_path):
+    root, paths, tok, model = setup
+    twin = native_task_yaml(load_suite(paths["knowledge"]).tasks[0], "dev", tmp_path)
+    tagged = tmp_path / "tagged.yaml"  # lm-eval's own tasks use `!function` (safe_load refuses it)
+    tagged.write_text(twin.read_text() + "process_docs: !function utils.process_docs\n", encoding="utf-8")
+    assert [(t.kind, t.lmeval) for t in load_suite(tagged).tasks] == [("lmeval", str(tagged.resolve()))]
+    (tmp_path / "suite.yaml").write_text(
+        f"name: s\ntasks:\n  - {{name: k, file: {paths['knowledge']}}}\n"
+        f"  - {{name: twin, lmeval: {twin.name}, split: dev}}\n", encoding="utf-8")
+    suite = load_suite(tmp_path)
+    assert suite.tasks[1].lm_splits == ("dev",)
+    assert [t.name for t in EvalSuite(suite, tok, "dev").tasks] == ["k", "twin"]
+    test = EvalSuite(suite, tok, "test", batch_size=4)  # the lm-eval entry is not scored on test
+    assert [t.name for t in test.tasks] == ["k"] and list(test.score_terms()) == ["k"]
+    assert set(test.score(model).tasks) == {"k"}
+
+
 def test_registered_names_unknown_names_and_offline_data(setup, tmp_path):
     """One scan of lm-eval's registry (~15 s): a typo gets suggestions, a hub task a local-copy hint."""
     with pytest.raises(EvalError, match=r"Unknown lm-eval task 'ceval-valid_acountant'\. Did you mean: ceval-valid_accountant"):

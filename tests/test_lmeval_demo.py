@@ -64,3 +64,22 @@ def test_bench_eval_json(demo_family):
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert fig["acc_identical"] is True and fig["acc_native"] == fig["acc_lmeval"]
     assert fig["items"] == 120 and fig["speedup_vs_lmeval"] > 1
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_model_folder_with_the_builtin_suite(demo_family):
+    """The issue's command: `merge-search eval MODEL_DIR --suite zh-instruct-lite --split dev`."""
+    from search.cli import main
+
+    out = CliRunner().invoke(main, ["eval", str(demo_family["inst-v1"]), "--suite", "zh-instruct-lite",
+                                    "--split", "dev", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    primary = {"knowledge": "acc", "reasoning": "acc", "reading": "acc", "math": "exact_match",
+               "instruct": "prob", "idiom_poetry": "acc"}
+    assert report["suite"] == "zh-instruct-lite" and report["split"] == "dev" and report["primary_metric"] == primary
+    result = report["models"]["inst-v1"]
+    names = {"acc": ["acc", "acc_norm"], "exact_match": ["exact_match", "contains"], "prob": ["prob", "logprob"]}
+    assert {t: sorted(m) for t, m in result["tasks"].items()} == {t: sorted(names[m]) for t, m in primary.items()}
+    assert result["score"] == pytest.approx(sum(result["tasks"][t][m] for t, m in primary.items()) / 6, abs=1e-12)
+    assert all(0 <= v <= 1 for t, m in result["tasks"].items() for k, v in m.items() if k != "logprob")
