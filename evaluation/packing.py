@@ -47,21 +47,28 @@ class Batch:
     prefix_nodes: torch.Tensor | None = None  # [B, P] each row's prefix path in the `Prefix` row
 
 
-def _trie(options: list[tuple[int, list[int], list[int]]]) -> Row:
+def _trie_paths(seqs: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """The trie of token sequences as (tokens, parent per token (-1: root), each sequence's nodes)."""
     tokens: list[int] = []
     parents: list[int] = []
     child: dict[tuple[int, int], int] = {}
-    entries = []
-    for seq, inp, targets in options:
+    paths = []
+    for seq in seqs:
         node, path = -1, []
-        for tok in inp:
+        for tok in seq:
             if (node, tok) not in child:
                 child[node, tok] = len(tokens)
                 tokens.append(tok)
                 parents.append(node)
             node = child[node, tok]
             path.append(node)
-        entries.append((seq, path[len(inp) - len(targets):], targets))
+        paths.append(path)
+    return tokens, parents, paths
+
+
+def _trie(options: list[tuple[int, list[int], list[int]]]) -> Row:
+    tokens, parents, paths = _trie_paths([inp for _, inp, _ in options])
+    entries = [(seq, path[len(inp) - len(targets):], targets) for (seq, inp, targets), path in zip(options, paths)]
     return tokens, parents, entries
 
 
@@ -160,18 +167,7 @@ def pack_rows(rows: list[Row], batch_size: int, pad_id: int, device: torch.devic
 
 def _prefix_row(rows: list[Row], lengths: list[int], device) -> tuple[Prefix | None, list[list[int]]]:
     """The trie of the rows' prefixes as one row, and each row's path of nodes in it."""
-    tokens, parents, paths = [], [], []
-    child: dict[tuple[int, int], int] = {}
-    for (toks, _, _), n in zip(rows, lengths):
-        node, path = -1, []
-        for tok in toks[:n]:
-            if (node, tok) not in child:
-                child[node, tok] = len(tokens)
-                tokens.append(tok)
-                parents.append(node)
-            node = child[node, tok]
-            path.append(node)
-        paths.append(path)
+    tokens, parents, paths = _trie_paths([toks[:n] for (toks, _, _), n in zip(rows, lengths)])
     if not tokens:
         return None, paths
     mask, depth = _tree_mask(parents, len(tokens))

@@ -190,6 +190,15 @@ class Searcher:
             s.close()
 
 
+def _check_setup(study: optuna.Study, cfg: RunConfig, attr: str, now: dict, what: str, why: str = "") -> None:
+    """Refuse to resume a study whose stored setup `attr` differs from `now`, naming the keys."""
+    before = study.user_attrs.get(attr)
+    if before and before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise MergeSearchError(f"study {cfg.study_name!r} in {cfg.storage_url} {what} "
+                               f"({', '.join(changed)} differ){why}: use another --study-name")
+
+
 def run_search(
     cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
 ) -> optuna.Study:
@@ -200,22 +209,11 @@ def run_search(
         remaining = cfg.study.n_trials - len(finished(study))
         merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
                  **cfg.merge.model_dump(mode="json", by_alias=True, exclude={"base_model"})}
-        before = study.user_attrs.get(MERGE_ATTR)
-        if before and before != merge:
-            changed = sorted(k for k in set(before) | set(merge) if before.get(k) != merge.get(k))
-            raise MergeSearchError(
-                f"study {cfg.study_name!r} in {cfg.storage_url} was run with another merge setup "
-                f"({', '.join(changed)} differ): use another --study-name"
-            )
-        study.set_user_attr(MERGE_ATTR, merge)
         scoring = searcher.scoring()
-        before = study.user_attrs.get(EVAL_ATTR)
-        if before and before != scoring:
-            changed = sorted(k for k in set(before) | set(scoring) if before.get(k) != scoring.get(k))
-            raise MergeSearchError(
-                f"study {cfg.study_name!r} in {cfg.storage_url} was scored with another eval setup "
-                f"({', '.join(changed)} differ), so its trial values would not compare: use another --study-name"
-            )
+        _check_setup(study, cfg, MERGE_ATTR, merge, "was run with another merge setup")
+        _check_setup(study, cfg, EVAL_ATTR, scoring, "was scored with another eval setup",
+                     ", so its trial values would not compare")
+        study.set_user_attr(MERGE_ATTR, merge)
         study.set_user_attr(EVAL_ATTR, scoring)
         searcher.enqueue_baselines(study)
         if remaining > 0:
