@@ -251,3 +251,24 @@ def test_the_output_head_runs_only_at_scored_positions(tmp_path):
     assert sum(r[0] for r in rows) < targets
     positions = sum(b.input_ids.numel() for b in batches)
     assert sum(r[0] for r in rows) < positions / 2
+
+
+def test_the_prefix_row_keeps_what_most_rows_share_when_it_would_grow_too_long(monkeypatch):
+    from evaluation import packing
+    from evaluation.packing import _prefix_lengths, build_rows, pack_rows, run_batches
+
+    header = [1, 2, 3, 4]  # every row: a template
+    passages = [[10 + p] * 6 for p in range(3)]  # two questions each: a passage
+    flat = [(2 * p + q, header + passages[p] + [40 + q, 50], [50]) for p in range(3) for q in range(2)]
+    rows = build_rows([[o] for o in flat], share=True)
+    assert _prefix_lengths(rows) == [10] * 6  # header + passage (the questions differ)
+    assert pack_rows(rows, 8, 0, torch.device("cpu"), share_prefix=True)[1].input_ids.shape[1] == 4 + 3 * 6
+    monkeypatch.setattr(packing, "MAX_PREFIX_ROW", 20)  # 22 nodes do not fit: passages go, the header stays
+    assert _prefix_lengths(rows) == [4] * 6
+    batches, prefix = pack_rows(rows, 8, 0, torch.device("cpu"), share_prefix=True)
+    assert prefix.input_ids.tolist() == [header]
+    model = _random_model(2)
+    shared, alone = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    run_batches(model, batches, shared, prefix)
+    run_batches(model, pack_rows(build_rows([[o] for o in flat], share=False), 8, 0, torch.device("cpu"))[0], alone)
+    torch.testing.assert_close(shared, alone, rtol=0, atol=1e-5)
