@@ -37,6 +37,7 @@ class Prefix:
     input_ids: torch.Tensor  # [1, N] every shared prefix token once, as one trie row
     mask: torch.Tensor  # [1, 1, N, N] ancestor-or-self
     position_ids: torch.Tensor  # [1, N] depth in the trie
+    span: int  # highest position + 1 (checked against a sliding window)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Batch:
     mask: torch.Tensor | None = None  # [B, 1, L, P+L] bool (True: attend), for trie rows or prefixes
     position_ids: torch.Tensor | None = None  # [B, L], with `mask`
     prefix_nodes: torch.Tensor | None = None  # [B, P] each row's prefix path in the `Prefix` row
+    span: int = 0  # highest position + 1 with `mask` (checked against a sliding window)
 
 
 def _trie_paths(seqs: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
@@ -166,6 +168,7 @@ def pack_rows(rows: list[Row], batch_size: int, pad_id: int, device: torch.devic
                     seq.append(s)
         n_pre = max(lengths[i] for i in idx)
         mask = position_ids = nodes = None
+        span = 0
         if n_pre or not all(_is_chain(parents) for _, parents, _ in chunk):
             trees = [_tree_mask(parents, width) for _, parents, _ in chunk]
             mask = torch.stack([m for m, _ in trees])[:, None]
@@ -175,9 +178,11 @@ def pack_rows(rows: list[Row], batch_size: int, pad_id: int, device: torch.devic
                 mask = torch.cat([seen[:, None, None, :].expand(-1, 1, width, -1), mask], dim=-1)
                 position_ids += torch.tensor([lengths[i] for i in idx])[:, None]
                 nodes = torch.tensor([paths[i] + [0] * (n_pre - len(paths[i])) for i in idx]).to(device)
+            span = int(position_ids.max()) + 1  # once here, not a device sync per call
             mask, position_ids = mask.to(device), position_ids.to(device)
         index = [torch.tensor(x, dtype=torch.long, device=device) for x in (list(uniq), gather, tgt, seq)]
-        batches.append(Batch(ids.to(device), *index, mask=mask, position_ids=position_ids, prefix_nodes=nodes))
+        batches.append(Batch(ids.to(device), *index, mask=mask, position_ids=position_ids, prefix_nodes=nodes,
+                             span=span))
     return batches, prefix
 
 
@@ -187,7 +192,8 @@ def _prefix_row(rows: list[Row], lengths: list[int], device) -> tuple[Prefix | N
     if not tokens:
         return None, paths
     mask, depth = _tree_mask(parents, len(tokens))
-    return Prefix(torch.tensor([tokens], device=device), mask[None, None].to(device), depth[None].to(device)), paths
+    return Prefix(torch.tensor([tokens], device=device), mask[None, None].to(device), depth[None].to(device),
+                  int(depth.max()) + 1), paths
 
 
 def split_head(model):
@@ -240,14 +246,14 @@ def _prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], nodes: torch.Tens
         return DynamicCache.from_legacy_cache(tuple(data))
 
 
-def _check_window(model, position_ids: torch.Tensor) -> None:
+def _check_window(model, span: int) -> None:
     """Custom masks replace a model's sliding-window masks: refuse rows that would need the window."""
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     if window is None or getattr(cfg, "use_sliding_window", True) is False:
         return
-    if int(position_ids.max()) + 1 > window:
-        raise EvalError(f"rows of {int(position_ids.max()) + 1} tokens exceed the model's sliding window of "
+    if span > window:
+        raise EvalError(f"rows of {span} tokens exceed the model's sliding window of "
                         f"{window}: build the EvalSuite with share_context=False")
 
 
@@ -258,7 +264,7 @@ def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefi
     net = body if head is not None else model
     kv = None
     if prefix is not None:  # once per call: the keys and values every row's prefix path reads
-        _check_window(model, prefix.position_ids)
+        _check_window(model, prefix.span)
         arg = _cache_arg(net.forward)
         out = net(input_ids=prefix.input_ids, attention_mask=_mask_for(model, prefix.mask),
                   position_ids=prefix.position_ids, use_cache=True)
@@ -266,7 +272,7 @@ def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefi
     for b in batches:
         kw = {"use_cache": False}
         if b.mask is not None:  # trie rows: each token sees its ancestors, at its depth
-            _check_window(model, b.position_ids)
+            _check_window(model, b.span)
             kw.update(attention_mask=_mask_for(model, b.mask), position_ids=b.position_ids)
         if b.prefix_nodes is not None:
             kw.update({arg: _prefix_cache(kv, b.prefix_nodes), "use_cache": True})
