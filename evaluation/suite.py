@@ -2,8 +2,8 @@
 
     suite = EvalSuite(load_suite("zh-instruct-lite"), tokenizer, "dev", batch_size=32)
     suite.score(model).score                  # one number; .tasks: task -> metric -> value
-    for shard in suite.score_shards(model):   # the same, in shards, for an Optuna pruner
-        trial.report(shard.result.score, shard.index)
+    for shard in suite.score_shards(model, order):   # the same, shard by shard, for a pruner
+        report(shard.examples)                # example -> its value, keyed as suite.example_keys
 
 Everything that does not depend on the weights is done once in the constructor: prompts are
 rendered (lm-eval's way, see prompts.py), tokenized, packed into fixed batches sorted by length,
@@ -13,7 +13,8 @@ under `torch.inference_mode()` and applies the output head only at the scored po
 Semantics (metric names as lm-eval's):
 - choice: log-likelihood of delimiter + option after the prompt; the highest wins, ties to the
   first option. `acc`; `acc_norm` divides each log-likelihood by the option's length in
-  characters. An item's options share one trie row (packing.py), with the log-likelihoods they
+  characters; `answer_logprob` is the gold option's log-probability under a softmax over the
+  item's options (the negative option cross-entropy, the smooth metric of the kind). An item's options share one trie row (packing.py), with the log-likelihoods they
   would get on rows of their own.
 - reference: `logprob`, the mean per-token log-probability of the reference (unbounded), and
   `prob` = exp(logprob) in (0, 1], the per-token geometric-mean probability, which aggregates.
@@ -47,6 +48,8 @@ class SuiteResult:
     score: float  # weighted mean of each task's primary metric
     tasks: dict[str, dict[str, float]]  # task -> metric -> value
     examples: dict[str, float] = field(default_factory=dict, repr=False)  # "task/id" -> primary metric
+    objective: float = float("nan")  # weighted mean of the suite's `metric` (= score for "primary")
+    objective_examples: dict[str, float] = field(default_factory=dict, repr=False)  # "task/id" -> that metric
 
     def as_dict(self) -> dict:
         return {"score": self.score, "tasks": self.tasks}
@@ -54,9 +57,9 @@ class SuiteResult:
 
 @dataclass
 class ShardScore:
-    index: int
+    index: int  # the shard's own index (shards may run in any order)
     n_shards: int
-    examples: dict[str, float]  # this shard's examples: "task/id" -> primary metric value
+    examples: dict[str, float]  # this shard's examples: "task/id" -> the suite's `metric`
     result: SuiteResult  # every example scored so far (tasks not reached yet are left out)
 
 
@@ -83,6 +86,8 @@ class EvalSuite:
     except for C-Eval data and lm-eval tasks (only when they say `chat: true`); True uses the
     template for every task, False for none. system: a system prompt for every task
     that sets none. shards: score in this many shards (each example in one, interleaved).
+    metric: "primary" (each task's primary metric) or "smooth" (its smooth metric, see
+    tasks.SMOOTH_METRIC) makes `objective`; `score` is always the primary one.
     share_context: score an item's options on one trie row (the context computed once), and run
     the tokens that a batch's rows all begin with (template, system prompt, instruction) once.
     max_length: longest model input; longer ones lose their oldest context tokens, as lm-eval's.
@@ -90,11 +95,15 @@ class EvalSuite:
 
     def __init__(self, suite: Suite, tokenizer, split: str, *, batch_size: int = 32,
                  device: str | torch.device = "cpu", chat: bool | None = None, system: str | None = None,
-                 max_length: int | None = None, shards: int = 1, share_context: bool = True):
+                 max_length: int | None = None, shards: int = 1, share_context: bool = True,
+                 metric: str = "primary"):
         if batch_size < 1:
             raise EvalError(f"batch_size must be at least 1 but got {batch_size}")
         if shards < 1:
             raise EvalError(f"shards must be at least 1 but got {shards}")
+        if metric not in ("primary", "smooth"):
+            raise EvalError(f"metric must be 'primary' or 'smooth' but got {metric!r}")
+        self.metric = metric
         self.suite, self.split, self.device = suite, split, torch.device(device)
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         # lm-eval entries serve the splits they name (every split when they name none)
@@ -125,7 +134,9 @@ class EvalSuite:
         self.n_sequences = len(seqs)
         self._n_tokens = torch.tensor([len(t) for _, t in seqs], dtype=torch.float64)
         self._shards = self._build_shards(seqs, prompts, shards, share_context)
+        # A fixed order of every example: its index is the example's stable integer id (a step)
         self.example_keys = [self._key(pi, ii) for s in self._shards for pi, ii in s.examples]
+        self.example_index = {k: i for i, k in enumerate(self.example_keys)}
 
         self._lm_tasks = [t for t in self.tasks if t.kind == "lmeval"]
         self._lmeval = None
@@ -209,6 +220,9 @@ class EvalSuite:
                                                   self.batch_size, self._pad_id, t.max_new_tokens, t.stop, self.device)
         return shards
 
+    def objective_metric(self, task: Task) -> str:
+        return task.smooth_metric if self.metric == "smooth" else task.primary_metric
+
     def score_terms(self) -> dict[str, dict]:
         """What the suite score is made of: per task (in order) its kind, the metric that enters
         the weighted mean, and its weight."""
@@ -236,20 +250,27 @@ class EvalSuite:
         if plan.task.kind == "reference":
             mean = float(lp[first]) / float(self._n_tokens[first])
             return {"prob": math.exp(mean), "logprob": mean}
-        lls = lp[first : first + len(plan.chars[ii])].tolist()
+        options = lp[first : first + len(plan.chars[ii])]
+        lls = options.tolist()
         norm = [ll / c for ll, c in zip(lls, plan.chars[ii])]
         gold = plan.items[ii]["answer"]
         # max() keeps the first of equal values: ties go to the first option, as np.argmax.
         pick = max(range(len(lls)), key=lambda k: lls[k])
         pick_norm = max(range(len(norm)), key=lambda k: norm[k])
-        return {"acc": float(pick == gold), "acc_norm": float(pick_norm == gold)}
+        answer_logprob = lls[gold] - float(torch.logsumexp(options, 0))
+        return {"acc": float(pick == gold), "acc_norm": float(pick_norm == gold), "answer_logprob": answer_logprob}
 
-    def score_shards(self, model) -> Iterator[ShardScore]:
-        """Score shard by shard; each yields its examples' primary metric and the running result."""
+    def score_shards(self, model, order: list[int] | None = None) -> Iterator[ShardScore]:
+        """Score shard by shard (in `order`, default 0..n-1); each yields its examples' value of
+        the suite's metric and the running result over every example scored so far."""
+        order = list(range(len(self._shards))) if order is None else list(order)
+        if sorted(order) != list(range(len(self._shards))):
+            raise EvalError(f"order must be a permutation of the {len(self._shards)} shards but got {order}")
         lp = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
         done: dict[int, dict[int, dict[str, float]]] = {pi: {} for pi in range(len(self._plans))}
         lm_metrics: dict[str, dict[str, float]] = {}
-        for index, shard in enumerate(self._shards):
+        for n_done, index in enumerate(order, start=1):
+            shard = self._shards[index]
             run_batches(model, shard.batches, lp, shard.prefix)
             lp_cpu = lp.cpu()
             for gb in shard.gen_batches:
@@ -260,8 +281,8 @@ class EvalSuite:
                 plan = self._plans[pi]
                 if plan.task.kind != "generate":
                     done[pi][ii] = self._item_metrics(plan, ii, lp_cpu)
-                examples[self._key(pi, ii)] = done[pi][ii][plan.task.primary_metric]
-            if index == len(self._shards) - 1 and self._lmeval is not None:
+                examples[self._key(pi, ii)] = done[pi][ii][self.objective_metric(plan.task)]
+            if n_done == len(order) and self._lmeval is not None:
                 lm_metrics = self._lmeval.run(model)
             yield ShardScore(index, len(self._shards), examples, self._result(done, lm_metrics))
 
@@ -273,7 +294,7 @@ class EvalSuite:
         return result
 
     def _result(self, done, lm_metrics) -> SuiteResult:
-        tasks, examples, weighted, weights = {}, {}, 0.0, 0.0
+        tasks, examples, objective_examples = {}, {}, {}
         for pi, plan in enumerate(self._plans):
             if not done[pi]:
                 continue
@@ -281,12 +302,22 @@ class EvalSuite:
             names = METRICS[plan.task.kind]
             tasks[plan.task.name] = {m: sum(done[pi][i][m] for i in order) / len(order) for m in names}
             examples.update({self._key(pi, i): done[pi][i][plan.task.primary_metric] for i in order})
+            metric = self.objective_metric(plan.task)
+            objective_examples.update({self._key(pi, i): done[pi][i][metric] for i in order})
         tasks.update(lm_metrics)
+        score = self._weighted(tasks, lambda t: t.primary_metric)
+        objective = self._weighted(tasks, self.objective_metric)
+        return SuiteResult(score=score, tasks=tasks, examples=examples, objective=objective,
+                           objective_examples=objective_examples)
+
+    def _weighted(self, tasks: dict, metric_of) -> float:
+        """The weighted mean over the tasks scored so far of each one's `metric_of(task)`."""
+        weighted = weights = 0.0
         for task in self.tasks:
             if task.name in tasks:
-                weighted += task.weight * tasks[task.name][task.primary_metric]
+                weighted += task.weight * tasks[task.name][metric_of(task)]
                 weights += task.weight
-        score = weighted / weights if weights else float("nan")  # nan: a shard with no examples
-        if weights and not math.isfinite(score):
+        value = weighted / weights if weights else float("nan")  # nan: a shard with no examples
+        if weights and not math.isfinite(value):
             raise EvalError(f"suite {self.suite.name!r}: the model produced a non-finite score")
-        return SuiteResult(score=score, tasks=tasks, examples=examples)
+        return value

@@ -36,10 +36,15 @@ from evaluation.readers import KINDS, detect, is_dataset_dir, read_items
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ANY_SPLIT = "*"  # a file that serves every split
 METRICS = {
-    "choice": ("acc", "acc_norm"),
+    # answer_logprob: log-probability of the gold option under a softmax over the item's options
+    # (the negative option cross-entropy): smooth where acc is a step function of the weights
+    "choice": ("acc", "acc_norm", "answer_logprob"),
     "reference": ("prob", "logprob"),  # prob = exp(mean token logprob) in (0, 1]; logprob unbounded
     "generate": ("exact_match", "contains"),
 }
+# The metric of each kind that a search may optimise instead of the primary one (`smooth`): it
+# moves with every small change of the weights, where acc and exact match stay on wide plateaus.
+SMOOTH_METRIC = {"choice": "answer_logprob", "reference": "logprob"}
 _TASK_KEYS = {
     "name", "kind", "data", "file", "split", "weight", "description", "style", "system", "chat",
     "target_delimiter", "preamble", "subject", "max_new_tokens", "stop", "metric", "hf_split",
@@ -84,6 +89,11 @@ class Task:
     @property
     def primary_metric(self) -> str:
         return self.metric or (METRICS[self.kind][0] if self.kind in METRICS else "acc")
+
+    @property
+    def smooth_metric(self) -> str:
+        """The smooth metric of the kind (generate and lm-eval tasks have none: their primary)."""
+        return SMOOTH_METRIC.get(self.kind, self.primary_metric)
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,16 @@ def constant_model(tok):
 def test_choice_acc_and_acc_norm_hand_checked(tmp_path):
     tok = tiny_tokenizer()
     result = EvalSuite(_suite(tmp_path), tok, "dev", batch_size=3).score(constant_model(tok))
-    assert result.tasks["pick"] == {"acc": 2 / 5, "acc_norm": 3 / 5}
     vocab = len(tok)
     z = math.log(math.exp(3) + math.exp(1) + (vocab - 2))
+    big, small, other = 3 - z, 1 - z, -z  # log-probabilities of one token
+    lse = lambda *xs: math.log(sum(math.exp(x) for x in xs))
+    # the gold option's log-probability under a softmax over the item's options, item by item
+    gold = [big - lse(big, small), small - lse(small, big), small - lse(2 * big, small),
+            3 * big - lse(small, 3 * big), other - lse(other, other)]
+    pick = result.tasks["pick"]
+    assert (pick["acc"], pick["acc_norm"]) == (2 / 5, 3 / 5)
+    assert pick["answer_logprob"] == pytest.approx(sum(gold) / 5, abs=1e-5)
     mean_lp = ((3 - z) + (1 - z)) / 2
     assert result.tasks["say"]["logprob"] == pytest.approx(mean_lp, abs=1e-5)
     assert result.tasks["say"]["prob"] == pytest.approx(math.exp(mean_lp), abs=1e-6)

@@ -135,7 +135,7 @@ def test_suite_yaml_keys_are_checked(tmp_path):
     _jsonl(tmp_path / "c.jsonl", [{"id": "1", "question": "q", "choices": ["a", "b"], "answer": 1}])
     cases = {
         "  - {name: t, file: c.jsonl, style: fancy}": r"tasks\[0\]\.style: must be one of \['cloze', 'letters'\] but got 'fancy'",
-        "  - {name: t, file: c.jsonl, metric: exact_match}": r"tasks\[0\]\.metric: must be one of \['acc', 'acc_norm'\] for a choice task",
+        "  - {name: t, file: c.jsonl, metric: exact_match}": r"tasks\[0\]\.metric: must be one of \['acc', 'acc_norm', 'answer_logprob'\] for a choice task",
         "  - {name: t, file: c.jsonl, data: {dev: c.jsonl}}": r"tasks\[0\]: give exactly one of 'data' \(split -> file\), 'file' or 'lmeval'",
         "  - {name: t, file: missing.jsonl}": r"tasks\[0\]\.file: file not found: .*missing\.jsonl",
         "  - {name: t, file: c.jsonl, weight: 0}": r"tasks\[0\]\.weight: must be a positive number but got 0",

@@ -63,7 +63,7 @@ def test_run_writes_outputs_and_resumes(setup):
     assert weights[:3] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     assert weights[3] == pytest.approx([1 / 3] * 3)
     for t in study.trials:
-        assert set(t.user_attrs["scores"]["c"]) == {"acc", "acc_norm"}
+        assert set(t.user_attrs["scores"]["c"]) == {"acc", "acc_norm", "answer_logprob"}
         assert t.value == t.user_attrs["scores"]["c"]["acc"]
         assert sum(t.user_attrs["weights"].values()) == pytest.approx(1.0)
 
