@@ -76,14 +76,26 @@ def _storage_args(run_dir: str | None, storage: str | None, study_name: str | No
 
 
 def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
+    """The top rows with intervals folded into one cell each; `*` marks the exported candidate."""
     if not rows:
         return
-    cols = [c for c in rows[0] if not c.startswith("dev:")]
-    table = Table(title="leaderboard (best first)")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "label" else "right")
+    f = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def vs(r, split):
+        if r.get(f"{split}_vs_uniform") is None:
+            return ""
+        return f"{r[f'{split}_vs_uniform']:+.3f} [{r[f'{split}_vs_uniform_low']:+.3f}, {r[f'{split}_vs_uniform_high']:+.3f}]"
+
+    weights = [c for c in rows[0] if c.startswith("w:")]
+    extra = [c for c in rows[0] if c.startswith(("dev:", "test:")) and c.count(":") == 1] + \
+        (["pareto"] if "pareto" in rows[0] else [])
+    table = Table(title="leaderboard (best dev first; * = exported)")
+    for c in ["rank", "label", "state", "dev_score", "dev vs uniform", "test_score", "test vs uniform", *extra, *weights]:
+        table.add_column(c, justify="left" if c in ("label", "state") else "right")
     for r in rows[:limit]:
-        table.add_row(*("" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        label = ("* " if r["selected"] else "") + r["label"]
+        table.add_row(str(r["rank"]), label, r["state"], f(r["dev_score"]), vs(r, "dev"), f(r["test_score"]),
+                      vs(r, "test"), *(f(r[c]) for c in extra), *(f(r[c]) for c in weights))
     Console().print(table)
     if len(rows) > limit:
         Console().print(f"... {len(rows) - limit} more rows in leaderboard.md")
@@ -97,20 +109,23 @@ def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
 @click.option("--study-name", help="Study name (default: the config's name).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default runs/<name>).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where sources live and models run.")
-def run(config, trials, timeout, storage, study_name, out, device) -> None:
+@click.option("--search-on-test", is_flag=True, help="Allow eval.search_split to be the held-out split (its "
+              "test score is then no longer held out).")
+def run(config, trials, timeout, storage, study_name, out, device, search_on_test) -> None:
     """Search merge weights for CONFIG (default: configs/demo.yaml) and write the run folder.
 
     Writes study.db, best.yaml (mergekit config), best.json, leaderboard.md and
     leaderboard.csv. Running again with the same storage and study name resumes.
     """
     from search.config import load_config
-    from search.report import leaderboard_rows, score_note, write_outputs
-    from search.study import run_search
+    from search.report import best_sentence, leaderboard_rows, score_note, write_outputs
+    from search.study import check_search_split, run_search
 
     cfg = load_config(
         config, **{"study.n_trials": trials, "study.timeout": timeout, "study.storage": storage,
                    "study.study_name": study_name, "out": out, "device": device},
     )
+    check_search_split(cfg, search_on_test)  # before the demo family is built
     if any(m.path.startswith("demo:") for m in cfg.models):
         from search.demo import demo_family_dir, ensure_demo_family
 
@@ -122,19 +137,18 @@ def run(config, trials, timeout, storage, study_name, out, device) -> None:
         task = bar.add_task(f"study {cfg.study_name}", total=cfg.study.n_trials, best="-")
 
         def on_trial(study, trial):
-            from search.study import finished
+            from search.study import complete_trials, finished
 
-            best = f"{study.best_value:.4f}" if study.best_trials else "-"
-            bar.update(task, completed=len(finished(study)), best=best)
+            scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
+            bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
-        study = run_search(cfg, on_trial=on_trial)
+        study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test)
     summary = write_outputs(study, cfg.out_dir)
     _print_leaderboard(leaderboard_rows(study))
     note = score_note(study)
     if note:  # what dev_score is a mean of
         click.echo(note.splitlines()[0])
-    test = f", test {summary['test_score']:.4f}" if summary["test_score"] is not None else ""
-    click.echo(f"best: {summary['label']} (dev {summary['dev_score']:.4f}{test}); outputs in {cfg.out_dir}/")
+    click.echo(f"{best_sentence(summary)}; outputs in {cfg.out_dir}/")
 
 
 @main.command()
@@ -224,7 +238,7 @@ def export(run_dir, storage, study_name, trial, output) -> None:
     study = _storage_args(run_dir, storage, study_name)
     t = leaderboard_trial(study, trial if trial == "best" else int(trial))
     Path(output).write_text(to_yaml(trial_config(t)), encoding="utf-8")
-    click.echo(f"trial {t.number} (score {t.value:.4f}) -> {output}")
+    click.echo(f"trial {t.number} (dev score {t.user_attrs.get('dev_score', t.values[0]):.4f}) -> {output}")
 
 
 @main.command()

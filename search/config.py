@@ -58,6 +58,18 @@ class MergeSpec(_Model):
         return self
 
 
+class ObjectiveSpec(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # column name on the leaderboard
+    suite: str | None = None  # default: eval.suite
+    tasks: list[str] | None = None  # a subset of the suite's tasks; default: all of them
+    split: str | None = None  # default: eval.search_split
+
+
+class ConstraintSpec(_Model):
+    objective: str  # an objective's name
+    min: float  # feasible when the objective's value is at least this
+
+
 class EvalSpec(_Model):
     suite: str = "demo"  # a built-in suite name or a path to a suite.yaml / suite folder
     search_split: str = "dev"  # the split the study optimizes
@@ -66,12 +78,34 @@ class EvalSpec(_Model):
     batch_size: int = Field(default=32, ge=1)
     system: str | None = None  # system prompt for every task that sets none (chat templates only)
     chat: bool | None = None  # true/false: the tokenizer's chat template for every task/none; null: as the suite says
+    # what the study optimises: each task's primary metric (acc, ...) or its smooth one
+    # (answer_logprob for choice tasks); the leaderboard shows the primary metric either way
+    search_metric: Literal["primary", "smooth"] = "primary"
+    objectives: list[ObjectiveSpec] | None = None  # two or more: a multi-objective study
+    constraints: list[ConstraintSpec] = []  # objective minimums (multi-objective samplers' constraints)
+    bootstrap: int = Field(default=1000, ge=100)  # paired-bootstrap resamples of every interval
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSpec:
+        names = [o.name for o in self.objectives or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective names must be unique but got {names}")
+        for c in self.constraints:
+            if c.objective not in names:
+                raise ValueError(f"constraint on objective {c.objective!r}, which is not one of the objectives {names}")
+        return self
 
 
 class StudySpec(_Model):
     storage: str | None = None  # Optuna storage URL; default sqlite:///<out>/study.db
     study_name: str | None = None  # default: the run name
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["auto", "gp", "tpe", "cmaes", "qmc", "random", "nsga2"] = "auto"  # auto: by space size (samplers.py)
+    # wilcoxon: stop a candidate once its examples so far are significantly worse than the best's;
+    # null: wilcoxon when the search split has at least 50 examples (single objective only)
+    pruner: Literal["wilcoxon", "none"] | None = None
+    prune_threshold: float = Field(default=0.1, gt=0, lt=1)  # Wilcoxon p-value below which a trial stops
+    shard_size: int = Field(default=16, ge=1)  # examples scored between two pruning decisions
+    select: Literal["best_dev", "robust"] = "robust"  # how the exported best is chosen (selection.py)
     n_trials: int = Field(default=30, ge=1)  # total finished trials wanted; resume runs the rest
     timeout: float | None = Field(default=None, gt=0)  # seconds for this invocation
     seed: int = 0

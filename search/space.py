@@ -91,6 +91,13 @@ class MergeSpace:
         self.filters = list(filters)
         self.cells = [_cell(g, f) for g in range(self.groups) for f in [*self.filters, REST]]
 
+    @property
+    def n_params(self) -> int:
+        """How many parameters a trial searches (what `auto` picks its sampler by)."""
+        n = len(self.names)
+        per_cell = 1 if self.method == "slerp" else (n - 1 if self.simplex else n) + (n if self.has_density else 0)
+        return per_cell * len(self.cells)
+
     # --- trial <-> values --------------------------------------------------------------------
 
     def suggest(self, trial: optuna.Trial) -> dict[str, dict[str, list[float]]]:

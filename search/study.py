@@ -9,7 +9,10 @@ running again with the same storage and study name resumes the study.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -20,19 +23,21 @@ import optuna
 from transformers import AutoTokenizer
 
 from evaluation.suite import EvalSuite, SuiteResult
-from evaluation.tasks import load_suite
+from evaluation.tasks import ANY_SPLIT, load_suite
 from search.checkpoints import Checkpoint, assert_aligned, open_checkpoint, resolve_model_path
 from search.config import RunConfig
 from search.errors import MergeSearchError
 from search.merger import DTYPES, InMemoryMerger, resolve_device
+from search.samplers import make_sampler, sampler_name
+from search.selection import complete_trials, select
 from search.space import MergeSpace
+from search.storage import report_many
 
 log = logging.getLogger(__name__)
 
-TEST_ATTR = "test/"  # study user attr prefix: "test/<trial number>" -> held-out re-score
-MERGE_ATTR = "merge"  # study user attr: the merge setup (models, method, space), checked on resume
-EVAL_ATTR = "eval"  # study user attr: what the trial values are (suite, split, prompts, score terms), checked on resume
+from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
 
+PRUNE_MIN_EXAMPLES = 50  # `pruner: null` prunes when the search split has at least this many examples
 
 # Methods whose base is a model of its own (slerp's base is one of its two models).
 NEEDS_BASE_ROW = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -60,16 +65,13 @@ def open_sources(cfg: RunConfig) -> tuple[list[Checkpoint], Checkpoint | None]:
     return ckpts, base
 
 
-def make_sampler(cfg: RunConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
-    # Offset the seed by the trials already stored so a resumed study does not replay its first
-    # proposals.
-    if cfg.study.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.study.seed + n_existing, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=cfg.study.seed + n_existing)
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraints_func: `min - value` per constraint (<= 0 is feasible)."""
+    return trial.user_attrs.get("constraints", [0.0])
 
 
-def create_study(cfg: RunConfig) -> optuna.Study:
-    """Create or load the study named in `cfg` (resume = load)."""
+def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> optuna.Study:
+    """Create or load the study named in `cfg` (resume = load), with its sampler and pruner."""
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +86,24 @@ def create_study(cfg: RunConfig) -> optuna.Study:
             else:
                 retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
+    n_objectives = len(cfg.eval.objectives or [None])
+
+    def sampler(n_existing: int) -> optuna.samplers.BaseSampler:
+        # Offset the seed by the trials already stored so a resumed study does not replay its
+        # first proposals.
+        return make_sampler(cfg.study.sampler, cfg.study.seed + n_existing, n_params=space.n_params,
+                            n_objectives=n_objectives, constraints=_constraints if cfg.eval.constraints else None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        pruner = (optuna.pruners.WilcoxonPruner(p_threshold=cfg.study.prune_threshold) if pruning
+                  else optuna.pruners.NopPruner())
     study = optuna.create_study(
-        storage=storage, study_name=cfg.study_name, direction="maximize",
-        sampler=make_sampler(cfg), load_if_exists=True,
+        storage=storage, study_name=cfg.study_name, directions=["maximize"] * n_objectives,
+        sampler=sampler(0), pruner=pruner, load_if_exists=True,
     )
     if study.trials:
-        study.sampler = make_sampler(cfg, len(study.trials))
+        study.sampler = sampler(len(study.trials))
     return study
 
 
@@ -109,6 +123,35 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 @dataclass
+class Objective:
+    """One scored quantity: a suite (or a subset of its tasks) on the search split, and on test."""
+
+    name: str
+    search: EvalSuite
+    test: EvalSuite | None
+
+
+def _suite_for(cfg: RunConfig, index: int | None):
+    """The suite of objective `index` (None: the eval section's own), restricted to its tasks."""
+    spec = cfg.eval.objectives[index] if index is not None else None
+    suite = load_suite(spec.suite if spec and spec.suite else cfg.eval.suite)
+    if spec and spec.tasks is not None:
+        names = [t.name for t in suite.tasks]
+        unknown = [t for t in spec.tasks if t not in names]
+        if unknown or not spec.tasks:
+            raise MergeSearchError(f"eval.objectives[{index}].tasks: unknown task(s) {unknown or '(none given)'} "
+                                   f"of suite {suite.name!r}; its tasks: {', '.join(names)}")
+        suite = dataclasses.replace(suite, tasks=[t for t in suite.tasks if t.name in spec.tasks])
+    return suite, (spec.split if spec and spec.split else cfg.eval.search_split)
+
+
+def n_examples(suite, split: str) -> int:
+    """Examples with a score of their own on `split` (lm-eval tasks count none)."""
+    return sum(len(t.items(split)) for t in suite.tasks if t.kind != "lmeval"
+               and (split in t.files or ANY_SPLIT in t.files))
+
+
+@dataclass
 class Searcher:
     """Everything a trial needs, built once: sources, the merger, the tokenized suites."""
 
@@ -116,8 +159,8 @@ class Searcher:
     sources: list[Checkpoint]
     merger: InMemoryMerger
     space: MergeSpace
-    search_suite: EvalSuite
-    test_suite: EvalSuite | None
+    objectives: list[Objective]
+    pruning: bool  # score in shards in a per-trial order and let the Wilcoxon pruner stop a trial
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Searcher:
@@ -135,35 +178,90 @@ class Searcher:
             num_layers=merger.num_layers, dtype=cfg.dtype,
         )
         tokenizer = AutoTokenizer.from_pretrained(sources[0].path)
-        suite = load_suite(cfg.eval.suite)
+        specs = [(o.name, _suite_for(cfg, i)) for i, o in enumerate(cfg.eval.objectives)] if cfg.eval.objectives \
+            else [(SCORE, _suite_for(cfg, None))]
+        single = len(specs) == 1
+        wanted = cfg.study.pruner
+        if wanted == "wilcoxon" and not single:
+            log.warning("pruning is off for multi-objective studies (Optuna's pruners take one objective)")
+        count = n_examples(*specs[0][1])
+        pruning = single and (wanted == "wilcoxon" or (wanted is None and count >= PRUNE_MIN_EXAMPLES))
         kw = dict(batch_size=cfg.eval.batch_size, device=device, system=cfg.eval.system, chat=cfg.eval.chat)
-        search_suite = EvalSuite(suite, tokenizer, cfg.eval.search_split, **kw)
-        test_suite = EvalSuite(suite, tokenizer, cfg.eval.test_split, **kw) if cfg.eval.test_split else None
-        return cls(cfg, sources + ([base] if base else []), merger, space, search_suite, test_suite)
+        objectives = []
+        for name, (suite, split) in specs:
+            shards = max(1, math.ceil(n_examples(suite, split) / cfg.study.shard_size)) if pruning else 1
+            search = EvalSuite(suite, tokenizer, split, shards=shards, metric=cfg.eval.search_metric, **kw)
+            test = None
+            if cfg.eval.test_split and (cfg.eval.test_split in suite.splits() or not suite.splits()):
+                test = EvalSuite(suite, tokenizer, cfg.eval.test_split, **kw)
+            objectives.append(Objective(name, search, test))
+        return cls(cfg, sources + ([base] if base else []), merger, space, objectives, pruning)
 
     def scoring(self) -> dict:
-        """What a trial's value is: the suite, the split, the prompt settings and the score terms."""
+        """What a trial's value is: the suites, splits, prompt settings, metric and score terms."""
         e = self.cfg.eval
-        return {"suite": self.search_suite.suite.name, "split": e.search_split, "system": e.system,
-                "chat": e.chat, "terms": self.search_suite.score_terms()}
+        one = self.objectives[0].search
+        out = {"suite": one.suite.name, "split": one.split, "system": e.system, "chat": e.chat,
+               "terms": one.score_terms(), "metric": e.search_metric}
+        if len(self.objectives) > 1:
+            out["objectives"] = {o.name: {"suite": o.search.suite.name, "split": o.search.split,
+                                          "terms": o.search.score_terms()} for o in self.objectives}
+            out["constraints"] = [c.model_dump() for c in e.constraints]
+        return out
 
-    def evaluate(self, merge_config: dict, suite: EvalSuite) -> SuiteResult:
-        self.merger.apply(merge_config)
-        return suite.score(self.merger.model)
+    def example_keys(self) -> dict:
+        """split -> objective -> the examples in their fixed order (per-example lists follow it)."""
+        keys = {"search": {o.name: o.search.example_keys for o in self.objectives}}
+        if any(o.test for o in self.objectives):
+            keys["test"] = {o.name: o.test.example_keys for o in self.objectives if o.test}
+        return keys
 
-    def objective(self, trial: optuna.Trial) -> float:
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
         values = self.space.suggest(trial)
         config = self.space.to_config(values)
         t0 = time.perf_counter()
         self.merger.apply(config)
         t1 = time.perf_counter()
-        result = self.search_suite.score(self.merger.model)
-        t2 = time.perf_counter()
+        trial.set_user_attr("cells", values)
         trial.set_user_attr("weights", self.space.summary(values))
         trial.set_user_attr("merge_config", config)
-        trial.set_user_attr("scores", result.tasks)
-        trial.set_user_attr("timing", {"merge_s": t1 - t0, "eval_s": t2 - t1})
-        return result.score
+        results, report_s = {}, [0.0]
+        try:
+            for o in self.objectives:
+                results[o.name] = self._score(trial, o.search, report_s)
+        finally:
+            t2 = time.perf_counter()
+            trial.set_user_attr("timing", {"merge_s": t1 - t0, "eval_s": t2 - t1 - report_s[0], "report_s": report_s[0]})
+        trial.set_user_attr("dev", {name: {"score": r.score, "tasks": r.tasks} for name, r in results.items()})
+        trial.set_user_attr("dev_score", sum(r.score for r in results.values()) / len(results))
+        trial.set_user_attr("examples", {name: [r.examples[k] for k in o.search.example_keys]
+                                         for (name, r), o in zip(results.items(), self.objectives)})
+        if self.cfg.eval.constraints:
+            trial.set_user_attr("constraints", [c.min - results[c.objective].score for c in self.cfg.eval.constraints])
+        objective_values = [r.objective for r in results.values()]
+        return objective_values[0] if len(objective_values) == 1 else objective_values
+
+    def _score(self, trial: optuna.Trial, suite: EvalSuite, report_s: list[float]) -> SuiteResult:
+        """Score the live merge; with pruning, shard by shard in an order seeded by the trial
+        number, each example's value reported at its stable index, and stop when told."""
+        if not self.pruning:
+            return suite.score(self.merger.model)
+        order = random.Random(trial.number).sample(range(suite.n_shards), suite.n_shards)
+        baseline = trial.user_attrs.get("label") is not None  # always scored fully
+        seen, result = 0, None
+        for shard in suite.score_shards(self.merger.model, order):
+            t0 = time.perf_counter()
+            report_many(trial, {suite.example_index[k]: v for k, v in shard.examples.items()})
+            seen += len(shard.examples)
+            result = shard.result
+            stop = not baseline and seen < len(suite.example_keys) and trial.should_prune()
+            report_s[0] += time.perf_counter() - t0
+            if stop:
+                trial.set_user_attr("seen", seen / len(suite.example_keys))
+                trial.set_user_attr("dev", {SCORE: {"score": result.score, "tasks": result.tasks}})
+                trial.set_user_attr("dev_score", result.score)
+                raise optuna.TrialPruned(f"worse than the best after {seen} of {len(suite.example_keys)} examples")
+        return result
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
         """Each source alone and the uniform average, unless already in the study."""
@@ -173,17 +271,27 @@ class Searcher:
                 study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
 
     def rescore_test(self, study: optuna.Study) -> None:
-        """Re-score the baselines and the top candidates on the held-out split."""
-        if self.test_suite is None:
+        """Re-score the baselines, the top candidates and the selected one on the held-out split."""
+        if not any(o.test for o in self.objectives):
             return
-        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        top = sorted(done, key=lambda t: -t.value)[: self.cfg.eval.rescore_top]
+        done = complete_trials(study)
+        if not done:
+            return
+        top = sorted(done, key=lambda t: (-t.user_attrs.get("dev_score", 0.0), t.number))[: self.cfg.eval.rescore_top]
         chosen = {t.number: t for t in done if t.user_attrs.get("label")} | {t.number: t for t in top}
+        best = select(done, self.cfg.study.select)
+        chosen[best.number] = best
         for number, t in sorted(chosen.items()):
             if f"{TEST_ATTR}{number}" in study.user_attrs:
                 continue  # a trial's candidate never changes: scored once, kept across resumes
-            result = self.evaluate(t.user_attrs["merge_config"], self.test_suite)
-            study.set_user_attr(f"{TEST_ATTR}{number}", {"split": self.cfg.eval.test_split, **result.as_dict()})
+            self.merger.apply(t.user_attrs["merge_config"])
+            per = {}
+            for o in (o for o in self.objectives if o.test):
+                r = o.test.score(self.merger.model)
+                per[o.name] = {"score": r.score, "tasks": r.tasks, "examples": [r.examples[k] for k in o.test.example_keys]}
+            score = sum(p["score"] for p in per.values()) / len(per)
+            study.set_user_attr(f"{TEST_ATTR}{number}", {"split": self.cfg.eval.test_split, "score": score,
+                                                         "objectives": per})
 
     def close(self) -> None:
         for s in self.sources:
@@ -199,13 +307,28 @@ def _check_setup(study: optuna.Study, cfg: RunConfig, attr: str, now: dict, what
                                f"({', '.join(changed)} differ){why}: use another --study-name")
 
 
+def check_search_split(cfg: RunConfig, search_on_test: bool = False) -> None:
+    """Refuse to optimise on the held-out split (its score would no longer be held out)."""
+    if search_on_test:
+        return
+    splits = [("eval.search_split", cfg.eval.search_split)]
+    splits += [(f"eval.objectives[{i}].split", o.split) for i, o in enumerate(cfg.eval.objectives or []) if o.split]
+    for field, split in splits:
+        if split == "test" or split == cfg.eval.test_split:
+            raise MergeSearchError(
+                f"{field} is {split!r}, the held-out split: a search on it leaves no honest test score; "
+                f"search another split, or pass --search-on-test to do it anyway")
+
+
 def run_search(
-    cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
+    cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    *, search_on_test: bool = False,
 ) -> optuna.Study:
     """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials."""
+    check_search_split(cfg, search_on_test)
     searcher = Searcher.build(cfg)  # every input is checked before the study is created
     try:
-        study = create_study(cfg)
+        study = create_study(cfg, searcher.space, searcher.pruning)
         remaining = cfg.study.n_trials - len(finished(study))
         merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
                  **cfg.merge.model_dump(mode="json", by_alias=True, exclude={"base_model"})}
@@ -213,12 +336,17 @@ def run_search(
         _check_setup(study, cfg, MERGE_ATTR, merge, "was run with another merge setup")
         _check_setup(study, cfg, EVAL_ATTR, scoring, "was scored with another eval setup",
                      ", so its trial values would not compare")
+        _check_setup(study, cfg, EXAMPLES_ATTR, searcher.example_keys(), "was scored on other examples",
+                     ", so its per-example scores would not pair")
         study.set_user_attr(MERGE_ATTR, merge)
         study.set_user_attr(EVAL_ATTR, scoring)
+        study.set_user_attr(EXAMPLES_ATTR, searcher.example_keys())
+        study.set_user_attr(SELECT_ATTR, cfg.study.select)
+        study.set_user_attr(BOOTSTRAP_ATTR, cfg.eval.bootstrap)
         searcher.enqueue_baselines(study)
         if remaining > 0:
-            log.info("study %r: %d finished trials, running %d more", cfg.study_name,
-                     cfg.study.n_trials - remaining, remaining)
+            log.info("study %r: %d finished trials, running %d more with %s", cfg.study_name,
+                     cfg.study.n_trials - remaining, remaining, sampler_name(study.sampler))
             callbacks = [on_trial] if on_trial else []
             study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks)
         else:

@@ -25,7 +25,8 @@ def _write(tmp_path, text) -> Path:
 def test_defaults_and_derived_paths(tmp_path):
     cfg = load_config(_write(tmp_path, GOOD))
     assert cfg.merge.method == "linear" and cfg.merge.normalize is None  # the method's default (true)
-    assert cfg.study.n_trials == 5 and cfg.study.sampler == "tpe"
+    assert cfg.study.n_trials == 5 and cfg.study.sampler == "auto" and cfg.study.select == "robust"
+    assert cfg.study.pruner is None and cfg.eval.search_metric == "primary" and cfg.eval.bootstrap == 1000
     assert cfg.out_dir == Path("runs/t") and cfg.study_name == "t"
     assert cfg.storage_url == f"sqlite:///{(Path('runs/t') / 'study.db').resolve()}"
     assert cfg.base_dir == tmp_path.resolve()

@@ -63,12 +63,18 @@ def test_run_writes_outputs_and_resumes(setup):
     assert weights[:3] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     assert weights[3] == pytest.approx([1 / 3] * 3)
     for t in study.trials:
-        assert set(t.user_attrs["scores"]["c"]) == {"acc", "acc_norm", "answer_logprob"}
-        assert t.value == t.user_attrs["scores"]["c"]["acc"]
+        tasks = t.user_attrs["dev"]["score"]["tasks"]
+        assert set(tasks["c"]) == {"acc", "acc_norm", "answer_logprob"}
+        assert t.value == tasks["c"]["acc"] == t.user_attrs["dev_score"]
+        assert t.user_attrs["examples"]["score"] == [  # per example, in the stored fixed order
+            1.0 if v else 0.0 for v in t.user_attrs["examples"]["score"]]
+        assert sum(t.user_attrs["examples"]["score"]) / 4 == tasks["c"]["acc"]
         assert sum(t.user_attrs["weights"].values()) == pytest.approx(1.0)
 
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert list(rows[0])[:8] == ["rank", "trial", "label", "dev_score", "test_score", "w:m0", "w:m1", "w:m2"]
+    assert list(rows[0])[:14] == [
+        "rank", "trial", "label", "state", "selected", "dev_score", "dev_vs_uniform", "dev_vs_uniform_low",
+        "dev_vs_uniform_high", "test_score", "test_vs_uniform", "test_vs_uniform_low", "test_vs_uniform_high", "w:m0"]
     assert {"m0", "m1", "m2", "uniform"} <= {r["label"] for r in rows}
     assert float(rows[0]["dev_score"]) >= max(float(r["dev_score"]) for r in rows)
     # baselines and the top 2 are re-scored on test
@@ -77,7 +83,11 @@ def test_run_writes_outputs_and_resumes(setup):
         if is_baseline or int(r["rank"]) <= 2:
             assert r["test_score"] != "", r
     best = json.loads((out / "best.json").read_text())
-    assert best["dev_score"] == float(rows[0]["dev_score"])
+    chosen = [r for r in rows if r["selected"] == "True"]
+    assert len(chosen) == 1 and int(chosen[0]["trial"]) == best["trial"]
+    assert best["dev_score"] == float(chosen[0]["dev_score"]) and best["select"] == "robust"
+    uniform = next(r for r in rows if r["label"] == "uniform")
+    assert (float(uniform["dev_vs_uniform"]), float(uniform["dev_vs_uniform_low"])) == (0.0, 0.0)
     assert best["test_score"] == study.user_attrs[f"{TEST_ATTR}{best['trial']}"]["score"]
 
     exported = yaml.safe_load((out / "best.yaml").read_text())
@@ -113,7 +123,7 @@ def test_leaderboard_command_formats(setup):
     config, _, root = setup
     runner = CliRunner()
     md = runner.invoke(main, ["leaderboard", str(root / "run")])
-    assert md.exit_code == 0 and md.output.startswith("| rank | trial | label | dev_score | test_score |")
+    assert md.exit_code == 0 and md.output.startswith("| rank | trial | label | state | selected | dev_score | dev_vs_uniform |")
     js = json.loads(runner.invoke(main, ["leaderboard", str(root / "run"), "--format", "json"]).output)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'run' / 'study.db'}")
     assert js == json.loads(json.dumps(leaderboard_rows(study)))
@@ -196,7 +206,7 @@ def test_the_leaderboard_says_which_metric_of_each_task_makes_the_score(setup, t
     assert runner.invoke(main, ["run", str(cfg_path)]).exit_code == 0
     study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     for t in study.trials:  # the score is the weighted mean of c's acc and r's prob
-        s = t.user_attrs["scores"]
+        s = t.user_attrs["dev"]["score"]["tasks"]
         assert t.value == pytest.approx((s["c"]["acc"] + 3 * s["r"]["prob"]) / 4, abs=1e-12)
         # per item prob = exp(logprob); the task means: mean(exp) >= exp(mean) (Jensen)
         assert 0 < s["r"]["prob"] <= 1 and s["r"]["prob"] >= math.exp(s["r"]["logprob"])

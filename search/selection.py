@@ -1,0 +1,76 @@
+"""Which candidate is exported: chosen from search-split information only, never the test split.
+
+    study: {select: robust}     # or best_dev
+
+- `best_dev`: the arg-max of the search score (ties: the earlier trial). It is what a search
+  over a noisy score over-fits: among many candidates, the top one is the one whose examples
+  happened to fall its way.
+- `robust` (default): the arg-max of a smoothed search score. Each fully scored candidate's
+  value is replaced by a kernel-weighted mean of the values of the candidates around it (a
+  Gaussian in the derived weights, radius `ROBUST_RADIUS` in RMS weight units per cell), with one
+  pseudo-neighbour at the median value, so that a lone spike is pulled down and a point on a
+  broad high plateau is preferred. `merge-search bench search` measures what this does to the
+  held-out score against `best_dev`.
+- several objectives: among the Pareto front (all objectives maximised, on raw values), the
+  candidate with the highest mean of its objective values (smoothed as above for `robust`).
+
+Pruned and failed trials are never candidates. Only trial values and weights are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import optuna
+
+POLICIES = ("best_dev", "robust")
+ROBUST_RADIUS = 0.1  # RMS distance over the cells' weight vectors at which a neighbour counts e^-1/2
+PRIOR_WEIGHT = 1.0  # pseudo-neighbours at the median value (shrinks candidates with no neighbours)
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def weight_vector(trial: optuna.trial.FrozenTrial) -> np.ndarray:
+    """The trial's derived values (weights, densities, t of every cell) in one flat vector."""
+    cells = trial.user_attrs.get("cells") or {"all": {"weight": list(trial.user_attrs["weights"].values())}}
+    return np.array([x for cell in cells.values() for key in sorted(cell) for x in cell[key]], float)
+
+
+def smoothed(trials: Sequence[optuna.trial.FrozenTrial], values: Sequence[float],
+             radius: float = ROBUST_RADIUS) -> np.ndarray:
+    """Each trial's value as the kernel-weighted mean of the values around it (itself included)."""
+    if radius <= 0:
+        raise ValueError(f"radius must be positive but got {radius}")
+    x = np.stack([weight_vector(t) for t in trials])
+    v = np.asarray(values, float)
+    n_cells = max(1, len(trials[0].user_attrs.get("cells") or [0]))
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / n_cells  # squared distance, per cell
+    k = np.exp(-d2 / (2 * radius ** 2))
+    return (k @ v + PRIOR_WEIGHT * np.median(v)) / (k.sum(1) + PRIOR_WEIGHT)
+
+
+def pareto_front(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The non-dominated trials, every objective maximised, in trial order."""
+    vals = np.array([t.values for t in trials], float)
+    keep = [i for i in range(len(trials))
+            if not any((vals[j] >= vals[i]).all() and (vals[j] > vals[i]).any() for j in range(len(trials)))]
+    return [trials[i] for i in keep]
+
+
+def select(trials: Sequence[optuna.trial.FrozenTrial], policy: str = "robust",
+           radius: float = ROBUST_RADIUS) -> optuna.trial.FrozenTrial:
+    """The candidate to export among fully scored `trials` (values maximised)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown selection policy {policy!r}; known: {', '.join(POLICIES)}")
+    trials = sorted(trials, key=lambda t: t.number)
+    if not trials:
+        raise ValueError("no fully scored trial to select from")
+    raw = np.array([np.mean(t.values) for t in trials])
+    value = smoothed(trials, raw, radius) if policy == "robust" else raw
+    pool = pareto_front(trials) if len(trials[0].values) > 1 else trials
+    index = {t.number: i for i, t in enumerate(trials)}
+    # highest (smoothed) value, then highest raw value, then the earliest trial
+    return max(pool, key=lambda t: (value[index[t.number]], raw[index[t.number]], -t.number))
