@@ -14,7 +14,8 @@
 - several objectives: among the Pareto front (all objectives maximised, on raw values), the
   candidate with the highest mean of its objective values (smoothed as above for `robust`).
 
-Pruned and failed trials are never candidates. Only trial values and weights are read.
+Pruned and failed trials are never candidates, nor infeasible ones (`eval.constraints`) while a
+feasible one exists. Only trial values, weights and constraint values are read.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def select(trials: Sequence[optuna.trial.FrozenTrial], policy: str = "robust",
     trials = sorted(trials, key=lambda t: t.number)
     if not trials:
         raise ValueError("no fully scored trial to select from")
+    # with constraints (eval.constraints), only feasible candidates are chosen when there are any
+    feasible = [t for t in trials if all(c <= 0 for c in t.user_attrs.get("constraints", []))]
+    trials = feasible or trials
     raw = np.array([np.mean(t.values) for t in trials])
     value = smoothed(trials, raw, radius) if policy == "robust" else raw
     pool = pareto_front(trials) if len(trials[0].values) > 1 else trials

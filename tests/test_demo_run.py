@@ -49,3 +49,17 @@ def test_each_source_is_best_on_its_own_skill(demo_run):
     assert len(task_cols) >= 3
     winners = {max(SOURCES, key=lambda s: float(rows[s][c])) for c in task_cols}
     assert winners == set(SOURCES)  # every variant wins some skill: they differ in what they know
+
+
+def test_the_two_objective_demo_writes_a_pareto_front(demo_family, tmp_path):
+    out = tmp_path / "mo"
+    result = CliRunner().invoke(main, ["run", "configs/demo-objectives.yaml", "--trials", "10", "--out", str(out),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    pts = {r["trial"]: (float(r["dev:chinese"]), float(r["dev:arabic"])) for r in rows}
+    front = {r["trial"] for r in rows if r["pareto"] == "True"}
+    assert front == {n for n, p in pts.items()
+                     if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts.values())}
+    best = json.loads((out / "best.json").read_text())
+    assert str(best["trial"]) in front and best["objectives"]["arabic"]["dev"] >= 0.5  # the constraint holds
