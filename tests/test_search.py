@@ -283,3 +283,50 @@ def test_run_ends_with_one_sentence_on_the_gain_and_its_interval(tiny):
     assert best["significant_vs_uniform"] == test["significant"]
     assert best["vs_best_source"]["source"] in ("m0", "m1", "m2")
     assert best["significant_vs_best_source"] == best["vs_best_source"]["test"]["significant"]
+
+
+def test_a_smooth_search_optimises_answer_logprob_and_the_leaderboard_shows_acc(tiny):
+    root, data = tiny
+    study = run_search(load_config(_config(root, data, "smooth", **{"eval.search_metric": "smooth",
+                                                                   "study.n_trials": 5})))
+    for t in study.trials:
+        tasks = t.user_attrs["dev"]["score"]["tasks"]
+        assert t.value == pytest.approx((tasks["c"]["answer_logprob"] + tasks["d"]["answer_logprob"]) / 2, abs=1e-12)
+        assert t.user_attrs["dev_score"] == pytest.approx((tasks["c"]["acc"] + tasks["d"]["acc"]) / 2, abs=1e-12)
+        assert t.value < 0  # a log-probability
+    rows = leaderboard_rows(study)
+    assert all(r["dev_objective"] == next(t.value for t in study.trials if t.number == r["trial"]) for r in rows)
+    assert [r["dev_score"] for r in rows] == sorted((r["dev_score"] for r in rows), reverse=True)
+
+
+def test_bad_search_settings_name_the_field(tmp_path):
+    good = "name: t\nmodels: [{name: a, path: /a}, {name: b, path: /b}]\n"
+    cases = {
+        "study: {sampler: bayes}": "study.sampler: Input should be 'auto', 'gp', 'tpe', 'cmaes', 'qmc', 'random' or 'nsga2'",
+        "study: {prune_threshold: 1.5}": "study.prune_threshold: Input should be less than 1",
+        "study: {select: luck}": "study.select: Input should be 'best_dev' or 'robust'",
+        "eval: {search_metric: soft}": "eval.search_metric: Input should be 'primary' or 'smooth'",
+        "eval: {objectives: [{name: x}, {name: x}]}": "eval: objective names must be unique but got ['x', 'x']",
+        "eval: {objectives: [{name: x}], constraints: [{objective: y, min: 0.5}]}":
+            "eval: constraint on objective 'y', which is not one of the objectives ['x']",
+        "eval: {bootstrap: 10}": "eval.bootstrap: Input should be greater than or equal to 100",
+    }
+    from search.errors import ConfigError
+
+    for extra, message in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(good + extra + "\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
+
+
+def test_an_objective_with_an_unknown_task_is_one_line_and_writes_nothing(tiny):
+    root, data = tiny
+    path = _config(root, data, "bad-objective", **{"eval.objectives": [{"name": "a", "tasks": ["c"]},
+                                                                       {"name": "b", "tasks": ["zz"]}]})
+    r = CliRunner().invoke(main, ["run", str(path)])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "error: eval.objectives[1].tasks: unknown task(s) ['zz'] of suite 's'; its tasks: c, d")
+    assert not (root / "bad-objective" / "study.db").exists()
