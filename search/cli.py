@@ -321,5 +321,21 @@ def bench_eval_cmd(as_json, batch_size, repeats, split, device, threads) -> None
         sys.exit(1)  # the two scorers disagree: a bug
 
 
+@bench.command("search")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on the last line.")
+@click.option("--seeds", type=int, help="Studies per measurement, medians over them (default 5, --quick 2).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quick", is_flag=True, help="2 seeds, a coarse grid and short studies (a smoke test, not figures).")
+def bench_search_cmd(as_json, seeds, device, quick) -> None:
+    """Samplers, pruning, selection and trial overhead on the demo family, against a dense weight grid."""
+    from search.bench.search import bench_search, report
+    from search.merger import resolve_device
+
+    fig = bench_search(seeds=seeds if seeds is not None else 2 if quick else 5, device=str(resolve_device(device)), quick=quick)
+    click.echo(report(fig))
+    if as_json:
+        click.echo(json.dumps(fig))
+
+
 if __name__ == "__main__":
     main()

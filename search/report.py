@@ -27,6 +27,11 @@ from search.uncertainty import paired_bootstrap
 FORMATS = ("md", "csv", "json")
 
 
+def _terms_of(scoring: dict) -> dict[str, dict]:
+    """objective -> its score terms (task -> kind, metric, weight)."""
+    return {name: o["terms"] for name, o in scoring.get("objectives", {}).items()} or {SCORE: scoring.get("terms", {})}
+
+
 def _interval_layout(study: optuna.Study, split: str) -> tuple[list[int], list[float]] | None:
     """Stratum (objective, task) of every example of `split`, concatenated over the objectives,
     and each stratum's weight in the headline score (task weight within its objective / K)."""
@@ -34,7 +39,7 @@ def _interval_layout(study: optuna.Study, split: str) -> tuple[list[int], list[f
     scoring = study.user_attrs.get(EVAL_ATTR, {})
     if not keys:
         return None
-    terms_of = {name: o["terms"] for name, o in scoring.get("objectives", {}).items()} or {SCORE: scoring.get("terms", {})}
+    terms_of = _terms_of(scoring)
     strata, weights = [], []
     for name, names in keys.items():
         tasks = list(dict.fromkeys(k.split("/", 1)[0] for k in names))
@@ -94,7 +99,7 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
     pruned = sorted(pruned, key=lambda t: (-t.user_attrs.get("dev_score", 0.0), t.number))
     scoring = study.user_attrs.get(EVAL_ATTR, {})
     objectives = list(scoring.get("objectives", {}))
-    terms_of = {name: o["terms"] for name, o in scoring.get("objectives", {}).items()} or {SCORE: scoring.get("terms", {})}
+    terms_of = _terms_of(scoring)
     chosen = selected_trial(study).number if done else None
     front = {t.number for t in pareto_front(done)} if objectives and done else set()
     cmp = comparisons(study, done)

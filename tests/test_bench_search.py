@@ -1,0 +1,82 @@
+"""`merge-search bench search --quick` runs end to end on the demo family and reports sane figures.
+
+What the search achieves is measured by the full benchmark, not asserted here (2 seeds of short
+studies decide nothing); these tests hold the figures to the bounds they must satisfy."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from search.bench.search import POLICIES, SAMPLERS, simplex_grid
+
+
+def test_simplex_grid_counts_and_sums():
+    grid = simplex_grid(3, 0.05)
+    assert len(grid) == 231  # C(20 + 2, 2)
+    assert len(set(grid)) == 231
+    assert all(abs(sum(p) - 1) < 1e-12 and min(p) >= 0 for p in grid)
+    assert (1.0, 0.0, 0.0) in grid and (0.0, 0.0, 1.0) in grid
+    assert len(simplex_grid(4, 0.25)) == 35  # C(4 + 3, 3)
+    with pytest.raises(ValueError, match="1/k"):
+        simplex_grid(3, 0.3)
+
+
+@pytest.mark.slow
+def test_bench_search_quick_reports_every_figure(demo_family, tmp_path, monkeypatch):
+    from search.demo import DEMO_VERSION, demo_family_dir
+    from search.samplers import auto_sampler
+
+    # a cache of our own (the grid is written there), holding the already built family
+    demo_family_dir(tmp_path).symlink_to(demo_family["base"].parent)
+    monkeypatch.setenv("MERGE_SEARCH_CACHE", str(tmp_path))
+    from search.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "search", "--quick", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    fig = json.loads(result.output.strip().splitlines()[-1])
+    assert "trials to 99%" in result.output and "goals:" in result.output
+
+    assert fig["seeds"] == 2 and fig["quick"] is True
+    n, budget = fig["dev_examples"], fig["budget"]
+    # the grid: C(4 + 2, 2) points at step 0.25, accs are counts over the examples
+    assert fig["grid_points"] == 15 and fig["grid_cached"] is False
+    cache = json.loads((tmp_path / f"bench-grid-v{DEMO_VERSION}.json").read_text())
+    assert [len(e["points"]) for e in cache.values()] == [15]
+    for acc in (fig["uniform_dev"], fig["dev_optimum"]["value"]):
+        assert 0 <= acc <= 1 and math.isclose(acc * n, round(acc * n), abs_tol=1e-6)
+    assert fig["dev_optimum"]["value"] >= fig["uniform_dev"]
+    assert 0 <= fig["uniform_test"] <= fig["test_optimum"] <= 1
+    assert math.isclose(sum(fig["dev_optimum"]["weights"].values()), 1, abs_tol=1e-3)
+    assert math.isclose(sum(fig["test_optimum_weights"].values()), 1, abs_tol=1e-3)
+
+    # trials to 99%: at least one trial, at most the cap; auto is the sampler it names
+    assert set(fig["trials_to_99pct"]) == {*SAMPLERS, "auto"}
+    assert fig["auto_sampler"] == auto_sampler(2) and fig["auto_sampler_layerwise"] == auto_sampler(8)
+    assert fig["trials_to_99pct"]["auto"] == fig["trials_to_99pct"][fig["auto_sampler"]]
+    for name, v in fig["trials_to_99pct"].items():
+        assert 1 <= v <= budget["sampler_budget"] + 1, name
+        reached = fig["trials_to_99pct_reached"][name]
+        assert 0 <= reached <= 2
+        if reached == 0:
+            assert v == budget["sampler_budget"] + 1, name
+
+    assert 0 < fig["pruning_examples_fraction"] <= 1
+    assert fig["pruning_same_winner"] in (0.0, 0.5, 1.0)
+    # on SQLite each shard's reports are one commit: a real cost, well under a second a trial
+    assert 0 < fig["report_ms_per_trial"] < 1000 and fig["report_ms_per_trial_in_memory"] >= 0
+    assert 0 < fig["trial_overhead_ms"] < 5000 and fig["trial_overhead_ms_in_memory"] >= 0
+
+    for key in ("selection", "selection_layerwise"):
+        assert list(fig[key]) == list(POLICIES)
+        for policy, v in fig[key].items():
+            assert 0 <= v["test_median"] <= 1, (key, policy)
+            # regrets are from the grid's test optimum; a candidate off the grid may beat it
+            assert math.isclose(v["regret_median"], fig["test_optimum"] - v["test_median"], abs_tol=1e-12)
+
+    goals = fig["goals"]
+    assert goals["auto_trials_le_15"] == (fig["trials_to_99pct"]["auto"] <= min(15, budget["sampler_budget"]))
+    assert goals["pruning_le_50pct_same_winner"] == (fig["pruning_examples_fraction"] <= 0.5
+                                                     and fig["pruning_same_winner"] == 1.0)
+    assert isinstance(goals["robust_regret_le_1pt_and_below_best_dev"], bool)
