@@ -14,7 +14,17 @@ appear in any training text. Skills are digit-by-digit renderings of 4-digit cod
 The base learns Chinese sentences and then to echo a code in chat form (the copy circuit every
 skill needs); each variant is fine-tuned from it on one skill. As the variants share the
 "where to look" and differ in "what to write", a linear merge keeps all three skills and beats
-every single variant on the mixed suite (uniform: 0.86 dev / 0.88 test vs 0.61 / 0.55 best).
+every single variant on the mixed suite.
+
+The variants differ in strength, so that the merge weights matter: inst-v1 and inst-v2 are
+long fine-tunes (160 steps at lr 2e-3), inst-meta a light one (30 steps at 3e-4) that masters
+its skill alone but loses it when diluted. The uniform average keeps numerals and daxie and
+drops arabic to about half; the best weights give inst-meta most of the mass (suite scores,
+80 items per task and split, on the 0.05 grid of the weight simplex):
+
+    inst-v1 / inst-v2 / inst-meta alone    0.42 / 0.48 / 0.49 dev    0.42 / 0.45 / 0.46 test
+    uniform (1/3 each)                     0.86 dev                  0.81 test
+    grid optimum (0.15, 0.15, 0.70)        1.00 dev                  0.99 test (the same point)
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from search.errors import MergeSearchError
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MODEL_NAMES = ("inst-v1", "inst-v2", "inst-meta")
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>", "<|unk|>"
@@ -91,7 +101,7 @@ SKILLS = (
           ("把这个号码写成阿拉伯数字：{x}", "请用阿拉伯数字写出：{x}", "这串汉字是什么号码：{x}"),
           to_zh, str),
 )
-N_EVAL = 40  # items per task and split
+N_EVAL = 80  # items per task and split
 _SEED = 20240607
 
 
@@ -287,12 +297,20 @@ class Recipe:
     echo_share: float = 0.3  # share of pretraining documents that are echo chat exchanges
     echo_steps: int = 200  # then answer-only training on echo exchanges: the shared copy circuit
     echo_lr: float = 2e-3  # (it forms after ~110 steps; before it does, merges wash out)
-    ft_steps: int = 80  # fine-tuning of each variant from the base
-    ft_lr: float = 1e-3
+    # fine-tuning of each variant from the base, in MODEL_NAMES order: unequal strengths put the
+    # best merge off the centre of the simplex (a light inst-meta needs most of the weight)
+    ft_steps: tuple[int, ...] = (160, 160, 30)
+    ft_lr: tuple[float, ...] = (2e-3, 2e-3, 3e-4)
     ft_batch: int = 32
     threads: int = 1  # pinned, as float summation order depends on it; 1 because with 2 threads
     # on 2 busy cores, OpenMP barriers made training steps 20-30x slower (measured)
     seed: int = _SEED
+
+    def __post_init__(self):
+        for name in ("ft_steps", "ft_lr"):
+            if len(getattr(self, name)) != len(MODEL_NAMES):
+                raise ValueError(f"Recipe.{name} needs one value per variant ({', '.join(MODEL_NAMES)}) "
+                                 f"but got {getattr(self, name)}")
 
 
 def _model_config(tok, r: Recipe):
@@ -402,9 +420,10 @@ def _train_family(r: Recipe):
     _train("base (echo)", base, echo, r.echo_steps, r.echo_lr)
     models = {"base": base}
     for skill in SKILLS:  # every variant starts from the same base: one basin, mergeable
+        i = MODEL_NAMES.index(skill.model)
         models[skill.model] = copy.deepcopy(base)
         _train(f"{skill.model} ({skill.task})", models[skill.model],
-               _chat_batches(tok, train_examples(skill.task), r, gen), r.ft_steps, r.ft_lr)
+               _chat_batches(tok, train_examples(skill.task), r, gen), r.ft_steps[i], r.ft_lr[i])
     return models, tok
 
 

@@ -1,7 +1,7 @@
 """The demo family builder (search/demo.py) and the demo suite it generates.
 
 Fast tests check the generators, the tokenizer and the cache mechanics (with a fake builder);
-`slow` tests build the real family once per session (about a minute on 2 CPU cores) into a
+`slow` tests build the real family once per session (about 90 s on 2 CPU cores) into a
 temporary cache, or into $MERGE_SEARCH_CACHE when that is set so a warm cache is reused.
 """
 
@@ -94,6 +94,12 @@ def test_eval_items_never_in_training_data():
     runs = re.compile("[0-9]+|[零一二三四五六七八九]+|[零壹贰叁肆伍陆柒捌玖]+")
     leaked = {run for text in texts for run in runs.findall(text) if run in to_code}
     assert not leaked
+
+
+def test_recipe_needs_one_schedule_per_variant():
+    assert len(demo.Recipe().ft_steps) == len(demo.Recipe().ft_lr) == len(demo.MODEL_NAMES)
+    with pytest.raises(ValueError, match=r"Recipe.ft_steps needs one value per variant .* but got \(80, 80\)"):
+        demo.Recipe(ft_steps=(80, 80))
 
 
 def test_unknown_task_lists_the_known_ones():
@@ -256,3 +262,50 @@ def test_variant_answers_its_own_skill(family):
             out = model.generate(ids, max_new_tokens=8, do_sample=False)
         answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert answer == item["choices"][item["answer"]], (skill.task, item, answer)
+
+
+@pytest.mark.slow
+def test_the_merge_weights_matter(family):
+    """v2's contract: each variant wins its own skill, the uniform average loses the light
+    inst-meta's skill, and the best weights (inst-meta heavy) recover it on both splits."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.bench.grid import score_grid
+    from search.checkpoints import open_checkpoint
+    from search.merger import InMemoryMerger
+    from search.space import MergeSpace
+
+    names = demo.MODEL_NAMES
+    merger = InMemoryMerger([open_checkpoint(n, family[n]) for n in names], device="cpu",
+                            dtype=torch.float32)
+    space = MergeSpace("linear", {n: str(family[n].resolve()) for n in names}, normalize=True,
+                       num_layers=merger.num_layers)
+    tok = AutoTokenizer.from_pretrained(family["base"])
+    suite = load_suite(str(SUITE_DIR))
+    suites = {split: EvalSuite(suite, tok, split, batch_size=64) for split in SPLITS}
+    vertices = [tuple(float(i == j) for j in range(3)) for i in range(3)]
+    uniform, best = (1 / 3,) * 3, (0.15, 0.15, 0.7)  # the grid optimum on dev and on test
+    rows = score_grid(merger, space, suites, vertices + [uniform, best])
+
+    for split in SPLITS:
+        keys = suites[split].example_keys
+        assert len(keys) == len(demo.SKILLS) * demo.N_EVAL
+        tasks = {}
+        for row in rows:  # the per-example lists are in example_keys order and make the score
+            per_task = {s.task: [v for k, v in zip(keys, row[split]["examples"])
+                                 if k.startswith(s.task + "/")] for s in demo.SKILLS}
+            accs = {t: sum(v) / len(v) for t, v in per_task.items()}
+            assert row[split]["score"] == pytest.approx(sum(accs.values()) / len(accs))
+            tasks[row["weights"]] = accs
+        for skill, vertex in zip(demo.SKILLS, vertices):
+            assert tasks[vertex][skill.task] == 1.0, (split, skill.model)
+            others = [tasks[v][skill.task] for v in vertices if v != vertex]
+            assert max(others) < 0.5, (split, skill.task, others)
+        scores = {row["weights"]: row[split]["score"] for row in rows}
+        assert tasks[uniform]["numerals"] >= 0.95 and tasks[uniform]["daxie"] >= 0.95, split
+        assert tasks[uniform]["arabic"] < 0.7, split  # diluted: the light variant's skill goes
+        assert scores[best] > scores[uniform] + 0.1, split
+        assert scores[best] > max(scores[v] for v in vertices) + 0.4, split
