@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -76,26 +77,28 @@ def _storage_args(run_dir: str | None, storage: str | None, study_name: str | No
 
 
 def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
-    """The top rows with intervals folded into one cell each; `*` marks the exported candidate."""
+    """The top rows, narrow enough for 80 columns: `*` marks the exported candidate, the test
+    gain over uniform carries its 95% interval, the weights are one column (legend above)."""
     if not rows:
         return
-    f = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    f = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
 
-    def vs(r, split):
-        if r.get(f"{split}_vs_uniform") is None:
+    def vs(r):
+        if r.get("test_vs_uniform") is None:
             return ""
-        return f"{r[f'{split}_vs_uniform']:+.3f} [{r[f'{split}_vs_uniform_low']:+.3f}, {r[f'{split}_vs_uniform_high']:+.3f}]"
+        return f"{r['test_vs_uniform']:+.2f} [{r['test_vs_uniform_low']:+.2f},{r['test_vs_uniform_high']:+.2f}]"
 
     weights = [c for c in rows[0] if c.startswith("w:")]
-    extra = [c for c in rows[0] if c.startswith(("dev:", "test:")) and c.count(":") == 1] + \
-        (["pareto"] if "pareto" in rows[0] else [])
-    table = Table(title="leaderboard (best dev first; * = exported)")
-    for c in ["rank", "label", "state", "dev_score", "dev vs uniform", "test_score", "test vs uniform", *extra, *weights]:
-        table.add_column(c, justify="left" if c in ("label", "state") else "right")
+    objectives = [c for c in rows[0] if c.startswith("dev:") and c.count(":") == 1]
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, title=f"leaderboard (best dev first; * = exported; weights: "
+                        f"{' / '.join(c[2:] for c in weights)})")
+    for c in ["#", "label", "pruned", "dev", *(o[4:] for o in objectives), "test", "test vs uniform", "weights"]:
+        table.add_column(c, justify="left" if c in ("label", "weights") else "right", no_wrap=True)
     for r in rows[:limit]:
         label = ("* " if r["selected"] else "") + r["label"]
-        table.add_row(str(r["rank"]), label, r["state"], f(r["dev_score"]), vs(r, "dev"), f(r["test_score"]),
-                      vs(r, "test"), *(f(r[c]) for c in extra), *(f(r[c]) for c in weights))
+        state = r["state"].removeprefix("pruned (").removesuffix(" seen)") if r["state"] != "complete" else ""
+        table.add_row(str(r["rank"]), label, state, f(r["dev_score"]), *(f(r[o]) for o in objectives),
+                      f(r["test_score"]), vs(r), "/".join(f"{r[c]:.2f}".removeprefix("0") for c in weights))
     Console().print(table)
     if len(rows) > limit:
         Console().print(f"... {len(rows) - limit} more rows in leaderboard.md")

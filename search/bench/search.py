@@ -65,23 +65,6 @@ FULL = Budget(grid_step=0.05, sampler_budget=60, study_trials=30, layer_trials=6
 QUICK = Budget(grid_step=0.25, sampler_budget=8, study_trials=8, layer_trials=10, overhead_trials=6)
 
 
-def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
-    """Every point of the n-model simplex whose weights are multiples of `step` (1/step integer)."""
-    k = round(1 / step)
-    if k < 1 or abs(k * step - 1) > 1e-9:
-        raise ValueError(f"step must be 1/k for an integer k but got {step}")
-
-    def parts(total: int, m: int):
-        if m == 1:
-            yield (total,)
-            return
-        for i in range(total + 1):
-            for rest in parts(total - i, m - 1):
-                yield (i, *rest)
-
-    return [tuple(i / k for i in p) for p in parts(k, n)]
-
-
 def _score(s, config: dict, split: str) -> float:
     """Primary acc of the merge `config` on the search ("dev") or test split."""
     s.merger.apply(config)
@@ -91,6 +74,7 @@ def _score(s, config: dict, split: str) -> float:
 
 def _grid(s, step: float) -> tuple[dict, bool]:
     """{"points": [[*weights, dev, test]], "uniform": [dev, test]}, from the cache when there."""
+    from search.bench.grid import score_grid, simplex_grid
     from search.demo import DEMO_VERSION, cache_root
 
     o = s.objectives[0]
@@ -100,11 +84,10 @@ def _grid(s, step: float) -> tuple[dict, bool]:
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if key in cache:
         return cache[key], True
-    values = lambda w: s.space.to_config(s.space.uniform_values(list(w)))  # noqa: E731
     n = len(s.space.names)
-    points = [[*w, _score(s, values(w), "dev"), _score(s, values(w), "test")] for w in simplex_grid(n, step)]
-    uniform = values([1 / n] * n)
-    entry = {"points": points, "uniform": [_score(s, uniform, "dev"), _score(s, uniform, "test")]}
+    rows = score_grid(s.merger, s.space, {"dev": o.search, "test": o.test}, [*simplex_grid(n, step), [1 / n] * n])
+    points = [[*r["weights"], r["dev"]["score"], r["test"]["score"]] for r in rows]
+    entry = {"points": points[:-1], "uniform": points[-1][-2:]}
     cache = json.loads(path.read_text()) if path.is_file() else {}  # another run may have added keys
     cache[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
