@@ -7,10 +7,11 @@ Every study runs in memory with the 4 baselines (each source, uniform) enqueued 
 does; seed i seeds the sampler of every study of seed i. Figures (acc is the demo suite's
 primary score; medians over seeds):
 
-- grid: dev and test acc on a dense grid over the 3-model simplex (step 0.05, 231 points, plus
-  the uniform point), cached in the demo cache folder. `uniform_dev`, `uniform_test`;
-  `dev_optimum` {value, weights}; `test_optimum` (the target every regret is measured from)
-  and `test_optimum_weights`. A candidate off the grid may beat it: a negative regret.
+- grid: dev and test acc on a dense grid over the 3-model simplex (`grid.py`; step 0.05, 231
+  points, plus the uniform point), cached in the demo cache folder per DEMO_VERSION.
+  `uniform_dev`, `uniform_test`; `dev_optimum` {value, weights}; `test_optimum` (the target
+  every regret is measured from) and `test_optimum_weights`. A candidate off the grid may beat
+  it: a negative regret.
 - `trials_to_99pct` {sampler: trials}: trials (baselines included) until one reaches 99% of
   the grid's dev optimum, each study stopped there; `sampler_budget` + 1 when never reached
   (`trials_to_99pct_reached` counts the seeds that did). `auto` is `auto_sampler`'s pick
@@ -62,7 +63,7 @@ class Budget:
 
 
 FULL = Budget(grid_step=0.05, sampler_budget=60, study_trials=30, layer_trials=60, overhead_trials=30)
-QUICK = Budget(grid_step=0.25, sampler_budget=8, study_trials=8, layer_trials=10, overhead_trials=6)
+QUICK = Budget(grid_step=0.5, sampler_budget=5, study_trials=6, layer_trials=6, overhead_trials=5)
 
 
 def _score(s, config: dict, split: str) -> float:
