@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
 
+SET_CONSTRAINT = hasattr(optuna.Trial, "set_constraint")  # optuna >= 5: constraints_func is deprecated
 PRUNE_MIN_EXAMPLES = 50  # `pruner: null` prunes when the search split has at least this many examples
 
 # Methods whose base is a model of its own (slerp's base is one of its two models).
@@ -92,7 +93,8 @@ def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> op
         # Offset the seed by the trials already stored so a resumed study does not replay its
         # first proposals.
         return make_sampler(cfg.study.sampler, cfg.study.seed + n_existing, n_params=space.n_params,
-                            n_objectives=n_objectives, constraints=_constraints if cfg.eval.constraints else None)
+                            n_objectives=n_objectives,
+                            constraints=_constraints if cfg.eval.constraints and not SET_CONSTRAINT else None)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -237,7 +239,10 @@ class Searcher:
         trial.set_user_attr("examples", {name: [r.examples[k] for k in o.search.example_keys]
                                          for (name, r), o in zip(results.items(), self.objectives)})
         if self.cfg.eval.constraints:
-            trial.set_user_attr("constraints", [c.min - results[c.objective].score for c in self.cfg.eval.constraints])
+            violations = [c.min - results[c.objective].score for c in self.cfg.eval.constraints]  # <= 0: feasible
+            trial.set_user_attr("constraints", violations)
+            if hasattr(trial, "set_constraint"):  # optuna >= 5; earlier ones read _constraints
+                trial.set_constraint(violations)
         objective_values = [r.objective for r in results.values()]
         return objective_values[0] if len(objective_values) == 1 else objective_values
 

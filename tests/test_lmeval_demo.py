@@ -63,7 +63,7 @@ def test_bench_eval_json(demo_family):
     assert out.exit_code == 0, out.output
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert fig["acc_identical"] is True and fig["acc_native"] == fig["acc_lmeval"]
-    assert fig["items"] == 120 and fig["speedup_vs_lmeval"] > 1
+    assert fig["items"] == 240 and fig["speedup_vs_lmeval"] > 1  # 3 tasks x 80 dev items
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_eval_command_on_a_model_folder_with_the_builtin_suite(demo_family):
                "instruct": "prob", "idiom_poetry": "acc"}
     assert report["suite"] == "zh-instruct-lite" and report["split"] == "dev" and report["primary_metric"] == primary
     result = report["models"]["inst-v1"]
-    names = {"acc": ["acc", "acc_norm"], "exact_match": ["exact_match", "contains"], "prob": ["prob", "logprob"]}
+    names = {"acc": ["acc", "acc_norm", "answer_logprob"], "exact_match": ["exact_match", "contains"], "prob": ["prob", "logprob"]}
     assert {t: sorted(m) for t, m in result["tasks"].items()} == {t: sorted(names[m]) for t, m in primary.items()}
     assert result["score"] == pytest.approx(sum(result["tasks"][t][m] for t, m in primary.items()) / 6, abs=1e-12)
     assert all(0 <= v <= 1 for t, m in result["tasks"].items() for k, v in m.items() if k != "logprob")
