@@ -21,7 +21,7 @@ import optuna
 from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
 from search.errors import MergeSearchError
 from search.export import to_yaml
-from search.selection import complete_trials, pareto_front, select
+from search.selection import complete_trials, is_pruned, pareto_front, select
 from search.uncertainty import paired_bootstrap
 
 FORMATS = ("md", "csv", "json")
@@ -95,7 +95,8 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
     then pruned ones, with intervals vs uniform, the objectives, weights and per-task metrics."""
     done = complete_trials(study)
     done = sorted(done, key=lambda t: (-t.user_attrs.get("dev_score", t.values[0]), -sum(t.values), t.number))
-    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    pruned = [t for t in study.get_trials(deepcopy=False, states=states) if is_pruned(t)]
     pruned = sorted(pruned, key=lambda t: (-t.user_attrs.get("dev_score", 0.0), t.number))
     scoring = study.user_attrs.get(EVAL_ATTR, {})
     objectives = list(scoring.get("objectives", {}))
@@ -106,7 +107,7 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for rank, t in enumerate(done + pruned, start=1):
         test = study.user_attrs.get(f"{TEST_ATTR}{t.number}")
-        complete = t.state == optuna.trial.TrialState.COMPLETE
+        complete = not is_pruned(t)
         row = {
             "rank": rank, "trial": t.number, "label": t.user_attrs.get("label") or f"trial {t.number}",
             "state": "complete" if complete else f"pruned ({100 * t.user_attrs.get('seen', 0):.0f}% seen)",
@@ -231,7 +232,8 @@ def leaderboard_trial(study: optuna.Study, which: str | int) -> optuna.trial.Fro
         return selected_trial(study)
     done = {t.number: t for t in complete_trials(study)}
     if int(which) not in done:
-        state = next((t.state.name.lower() for t in study.get_trials(deepcopy=False) if t.number == int(which)), None)
+        state = next(("pruned" if is_pruned(t) else t.state.name.lower()
+                      for t in study.get_trials(deepcopy=False) if t.number == int(which)), None)
         why = f"it was {state}" if state else "no such trial"
         raise MergeSearchError(f"trial {which} is not a completed trial of study {study.study_name!r} ({why})")
     return done[int(which)]

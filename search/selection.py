@@ -31,7 +31,14 @@ PRIOR_WEIGHT = 1.0  # pseudo-neighbours at the median value (shrinks candidates 
 
 
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    """Fully scored candidates: complete and not stopped by the pruner (user attr `seen`)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if not is_pruned(t)]
+
+
+def is_pruned(trial: optuna.trial.FrozenTrial) -> bool:
+    """Stopped by the pruner: PRUNED, or complete with the estimate over the examples it saw."""
+    return trial.state == optuna.trial.TrialState.PRUNED or trial.user_attrs.get("seen", 1.0) < 1.0
 
 
 def weight_vector(trial: optuna.trial.FrozenTrial) -> np.ndarray:

@@ -236,8 +236,9 @@ class Searcher:
             trial.set_user_attr("timing", {"merge_s": t1 - t0, "eval_s": t2 - t1 - report_s[0], "report_s": report_s[0]})
         trial.set_user_attr("dev", {name: {"score": r.score, "tasks": r.tasks} for name, r in results.items()})
         trial.set_user_attr("dev_score", sum(r.score for r in results.values()) / len(results))
-        trial.set_user_attr("examples", {name: [r.examples[k] for k in o.search.example_keys]
-                                         for (name, r), o in zip(results.items(), self.objectives)})
+        if "seen" not in trial.user_attrs:  # per-example lists of fully scored candidates only
+            trial.set_user_attr("examples", {name: [r.examples[k] for k in o.search.example_keys]
+                                             for (name, r), o in zip(results.items(), self.objectives)})
         if self.cfg.eval.constraints:
             violations = [c.min - results[c.objective].score for c in self.cfg.eval.constraints]  # <= 0: feasible
             trial.set_user_attr("constraints", violations)
@@ -248,7 +249,12 @@ class Searcher:
 
     def _score(self, trial: optuna.Trial, suite: EvalSuite, report_s: list[float]) -> SuiteResult:
         """Score the live merge; with pruning, shard by shard in an order seeded by the trial
-        number, each example's value reported at its stable index, and stop when told."""
+        number, each example's value reported at its stable index, stopping when the pruner says.
+
+        A stopped trial returns its estimate over the examples seen (the WilcoxonPruner's own
+        advice) instead of raising TrialPruned: it stays COMPLETE, so model-based samplers (GP
+        sees only complete trials) learn where the bad region is, and it is marked by the user
+        attr `seen` < 1, never selected, and shown as pruned on the leaderboard."""
         if not self.pruning:
             return suite.score(self.merger.model)
         order = random.Random(trial.number).sample(range(suite.n_shards), suite.n_shards)
@@ -263,9 +269,8 @@ class Searcher:
             report_s[0] += time.perf_counter() - t0
             if stop:
                 trial.set_user_attr("seen", seen / len(suite.example_keys))
-                trial.set_user_attr("dev", {SCORE: {"score": result.score, "tasks": result.tasks}})
-                trial.set_user_attr("dev_score", result.score)
-                raise optuna.TrialPruned(f"worse than the best after {seen} of {len(suite.example_keys)} examples")
+                log.info("trial %d stopped after %d of %d examples", trial.number, seen, len(suite.example_keys))
+                break
         return result
 
     def enqueue_baselines(self, study: optuna.Study) -> None:

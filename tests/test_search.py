@@ -101,9 +101,9 @@ def test_the_wilcoxon_pruner_stops_a_clearly_worse_candidate_and_never_a_baselin
     study.enqueue_trial({"q": 0.2})  # the same candidate, not a baseline: stopped early
     study.enqueue_trial({"q": 0.88})  # close to the best: not clearly worse, scored fully
     study.optimize(objective, n_trials=4)
-    states = [t.state for t in study.trials]
-    S = optuna.trial.TrialState
-    assert states == [S.COMPLETE, S.COMPLETE, S.PRUNED, S.COMPLETE]
+    # a stopped trial stays COMPLETE with its estimate (so GP learns from it), marked by `seen`
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert [t.user_attrs.get("seen", 1.0) < 1 for t in study.trials] == [False, False, True, False]
     assert len(study.trials[1].intermediate_values) == 120  # every example reported at its stable index
     assert sorted(study.trials[0].intermediate_values) == list(range(120))
     seen = study.trials[2].user_attrs["seen"]
@@ -117,7 +117,8 @@ def test_a_pruned_trial_is_marked_and_never_exported():
     study = optuna.create_study(direction="maximize")
     cells = lambda w: {"g0.rest": {"weight": w}}  # noqa: E731
     for number, (w, state, value, seen) in enumerate([
-        ([0.5, 0.5], "COMPLETE", 0.6, None), ([0.9, 0.1], "PRUNED", 1.0, 0.25), ([0.2, 0.8], "COMPLETE", 0.7, None)]):
+        ([0.5, 0.5], "COMPLETE", 0.6, None), ([0.9, 0.1], "PRUNED", 1.0, 0.25), ([0.2, 0.8], "COMPLETE", 0.7, None),
+            ([0.1, 0.9], "COMPLETE", 0.99, 0.5)]):  # stopped, kept COMPLETE with its estimate
         attrs = {"cells": cells(w), "weights": {"a": w[0], "b": w[1]}, "dev_score": value, "merge_config": {"n": number}}
         if seen:
             attrs["seen"] = seen
@@ -125,8 +126,9 @@ def test_a_pruned_trial_is_marked_and_never_exported():
             state=getattr(optuna.trial.TrialState, state), value=value if state == "COMPLETE" else None,
             params={"x": w[0]}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, user_attrs=attrs))
     rows = leaderboard_rows(study)
-    assert [(r["trial"], r["state"]) for r in rows] == [(2, "complete"), (0, "complete"), (1, "pruned (25% seen)")]
-    assert selected_trial(study).number == 2 and [r["selected"] for r in rows] == [True, False, False]
+    assert [(r["trial"], r["state"]) for r in rows] == [
+        (2, "complete"), (0, "complete"), (1, "pruned (25% seen)"), (3, "pruned (50% seen)")]
+    assert selected_trial(study).number == 2 and [r["selected"] for r in rows] == [True, False, False, False]
 
 
 # ------------------------------------------------------------------ intervals
