@@ -126,9 +126,8 @@ def _trials_to(s, sampler: str, seed: int, target: float, budget: int) -> int:
 
 
 def _examples(study: optuna.Study, n: int) -> float:
-    """Examples scored in the study: all `n` for a complete trial, its `seen` share for a pruned one."""
-    pruned = optuna.trial.TrialState.PRUNED
-    return sum(n * t.user_attrs["seen"] if t.state == pruned else n for t in _finished(study))
+    """Examples scored in the study: `n` per fully scored trial, its `seen` share of `n` per stopped one."""
+    return sum(n * t.user_attrs.get("seen", 1.0) for t in _finished(study))  # stopped: PRUNED or COMPLETE
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
