@@ -242,8 +242,9 @@ class Searcher:
         if self.cfg.eval.constraints:
             violations = [c.min - results[c.objective].score for c in self.cfg.eval.constraints]  # <= 0: feasible
             trial.set_user_attr("constraints", violations)
-            if hasattr(trial, "set_constraint"):  # optuna >= 5; earlier ones read _constraints
-                trial.set_constraint(violations)
+            if SET_CONSTRAINT:  # optuna >= 5; earlier ones read _constraints
+                for c, v in zip(self.cfg.eval.constraints, violations):
+                    trial.set_constraint(f"{c.objective} >= {c.min:g}", v)
         objective_values = [r.objective for r in results.values()]
         return objective_values[0] if len(objective_values) == 1 else objective_values
 

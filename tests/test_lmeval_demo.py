@@ -82,4 +82,4 @@ def test_eval_command_on_a_model_folder_with_the_builtin_suite(demo_family):
     names = {"acc": ["acc", "acc_norm", "answer_logprob"], "exact_match": ["exact_match", "contains"], "prob": ["prob", "logprob"]}
     assert {t: sorted(m) for t, m in result["tasks"].items()} == {t: sorted(names[m]) for t, m in primary.items()}
     assert result["score"] == pytest.approx(sum(result["tasks"][t][m] for t, m in primary.items()) / 6, abs=1e-12)
-    assert all(0 <= v <= 1 for t, m in result["tasks"].items() for k, v in m.items() if k != "logprob")
+    assert all(0 <= v <= 1 for t, m in result["tasks"].items() for k, v in m.items() if k not in ("logprob", "answer_logprob"))
