@@ -55,7 +55,8 @@ def smoothed(trials: Sequence[optuna.trial.FrozenTrial], values: Sequence[float]
     x = np.stack([weight_vector(t) for t in trials])
     v = np.asarray(values, float)
     n_cells = max(1, len(trials[0].user_attrs.get("cells") or [0]))
-    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / n_cells  # squared distance, per cell
+    sq = (x * x).sum(1)  # |a-b|^2 = |a|^2 + |b|^2 - 2ab: n x n memory, not n x n x parameters
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0) / n_cells  # squared distance, per cell
     k = np.exp(-d2 / (2 * radius ** 2))
     return (k @ v + PRIOR_WEIGHT * np.median(v)) / (k.sum(1) + PRIOR_WEIGHT)
 
