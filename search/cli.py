@@ -121,7 +121,7 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
     leaderboard.csv. Running again with the same storage and study name resumes.
     """
     from search.config import load_config
-    from search.report import best_sentence, leaderboard_rows, score_note, write_outputs
+    from search.report import best_sentence, score_note, write_outputs
     from search.study import check_search_split, run_search
 
     cfg = load_config(
@@ -146,8 +146,8 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
             bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
         study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test)
-    summary = write_outputs(study, cfg.out_dir)
-    _print_leaderboard(leaderboard_rows(study))
+    summary, rows = write_outputs(study, cfg.out_dir)
+    _print_leaderboard(rows)
     note = score_note(study)
     if note:  # what dev_score is a mean of
         click.echo(note.splitlines()[0])

@@ -90,9 +90,10 @@ def comparisons(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> 
     return out
 
 
-def leaderboard_rows(study: optuna.Study) -> list[dict]:
+def leaderboard_rows(study: optuna.Study, cmp: dict[int, dict] | None = None) -> list[dict]:
     """Every finished trial: fully scored ones by dev score (then search objective, then trial),
-    then pruned ones, with intervals vs uniform, the objectives, weights and per-task metrics."""
+    then pruned ones, with intervals vs uniform, the objectives, weights and per-task metrics.
+    cmp: `comparisons` of the complete trials, when the caller has them already."""
     done = complete_trials(study)
     done = sorted(done, key=lambda t: (-t.user_attrs.get("dev_score", t.values[0]), -sum(t.values), t.number))
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -103,7 +104,7 @@ def leaderboard_rows(study: optuna.Study) -> list[dict]:
     terms_of = _terms_of(scoring)
     chosen = selected_trial(study).number if done else None
     front = {t.number for t in pareto_front(done)} if objectives and done else set()
-    cmp = comparisons(study, done)
+    cmp = comparisons(study, done) if cmp is None else cmp
     rows = []
     for rank, t in enumerate(done + pruned, start=1):
         test = study.user_attrs.get(f"{TEST_ATTR}{t.number}")
@@ -276,13 +277,15 @@ def best_sentence(summary: dict) -> str:
     return f"best: {who} ({'; '.join(parts)})"
 
 
-def write_outputs(study: optuna.Study, out_dir: Path) -> dict:
-    """best.yaml, best.json, leaderboard.md, leaderboard.csv in `out_dir`; returns best.json's content."""
+def write_outputs(study: optuna.Study, out_dir: Path) -> tuple[dict, list[dict]]:
+    """best.yaml, best.json, leaderboard.md, leaderboard.csv in `out_dir`; returns best.json's
+    content and the leaderboard rows (the intervals are bootstrapped once for both)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = leaderboard_rows(study)
+    every = comparisons(study, complete_trials(study))
+    rows = leaderboard_rows(study, every)
     best = selected_trial(study)
     test = study.user_attrs.get(f"{TEST_ATTR}{best.number}")
-    cmp = comparisons(study, complete_trials(study)).get(best.number, {})
+    cmp = every.get(best.number, {})
     ivs = {ref: {split: cmp[f"{split}_vs_{ref}"].as_dict() if f"{split}_vs_{ref}" in cmp else None
                  for split in ("dev", "test")} for ref in ("uniform", "best_source")}
     significant = {ref: (ivs[ref]["test"]["significant"] if ivs[ref]["test"] else None) for ref in ivs}
@@ -314,4 +317,4 @@ def write_outputs(study: optuna.Study, out_dir: Path) -> dict:
     _write(out_dir / "best.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     _write(out_dir / "leaderboard.md", to_markdown(rows, score_note(study)))
     _write(out_dir / "leaderboard.csv", to_csv(rows))
-    return summary
+    return summary, rows
