@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from search.cli import main
 from search.config import load_config
 from search.report import leaderboard_rows, selected_trial
-from search.samplers import GP_MAX_PARAMS, SAMPLERS, auto_sampler, make_sampler, sampler_name
+from search.samplers import GP_MAX_PARAMS, SAMPLERS, auto_sampler, gp_startup, make_sampler, sampler_name
 from search.selection import pareto_front, select, smoothed
 from search.space import MergeSpace
 from search.study import Searcher, run_search
@@ -59,6 +59,13 @@ def test_auto_picks_gp_for_small_spaces_tpe_beyond_and_for_several_objectives():
     assert MergeSpace("linear", models, num_layers=4, granularity=1, filters=["self_attn", "mlp"]).n_params == 24
     assert MergeSpace("ties", models, base="/b", num_layers=4).n_params == 2 + 3  # sticks + one density each
     assert MergeSpace("task_arithmetic", models, base="/b", num_layers=4).n_params == 3
+
+
+def test_gp_starts_modelling_after_two_trials_per_parameter_at_most_ten():
+    assert [gp_startup(n) for n in (1, 2, 4, 5, 8, 16)] == [2, 4, 8, 10, 10, 10]
+    # 2 sticks (3 models): GP right after the 4 baselines; the 5th trial is already modelled
+    assert make_sampler("gp", 0, n_params=2)._n_startup_trials == 4
+    assert make_sampler("auto", 0, n_params=8)._n_startup_trials == 10
 
 
 # ------------------------------------------------------------------ pruning

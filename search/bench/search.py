@@ -19,7 +19,10 @@ primary score; medians over seeds):
 - pruning, sampler auto, `study_trials` trials, Wilcoxon vs none: `pruning_examples_fraction`,
   the examples scored with pruning over those without (a pruned trial counts the share it
   saw); `pruning_same_winner`, the share of seeds whose best dev trial has the same weights or
-  the same dev score either way; `report_ms_per_trial`, the per-trial time spent reporting
+  the same dev score either way; `pruning_winner_not_worse`, the share whose pruned-study winner
+  is not significantly below the unpruned one on dev (paired bootstrap, 95%): the two studies
+  propose different points once a stopped trial's estimate differs from the full score, so two
+  winners one example apart count as different above; `report_ms_per_trial`, the per-trial time spent reporting
   per-example values and asking the pruner (SQLite, as in `run`; `_in_memory` alongside).
 - `selection` {policy: {test_median, regret_median}}: the candidate each policy picks from a
   sampler-auto study (best_dev, robust on the acc study; +smooth: the study that optimises the
@@ -142,6 +145,19 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return max(complete_trials(study), key=lambda t: (t.user_attrs["dev_score"], -t.number))
 
 
+def _not_worse(s, plain: optuna.trial.FrozenTrial, pruned: optuna.trial.FrozenTrial) -> bool:
+    """The pruned study's winner is not significantly worse on dev than the unpruned one's: the
+    paired-bootstrap 95% interval of (pruned - plain) over the dev examples reaches 0."""
+    from search.uncertainty import paired_bootstrap
+
+    keys = s.objectives[0].search.example_keys
+    tasks = list(dict.fromkeys(k.split("/", 1)[0] for k in keys))
+    weights = {t.name: t.weight for t in s.objectives[0].search.suite.tasks}
+    a, b = (t.user_attrs["examples"][next(iter(t.user_attrs["examples"]))] for t in (pruned, plain))
+    iv = paired_bootstrap(a, b, [tasks.index(k.split("/", 1)[0]) for k in keys], [weights[t] for t in tasks])
+    return iv.high >= 0
+
+
 def _overhead_ms(trials) -> float:
     """Median per-trial wall time outside merge and eval, in ms."""
     return 1e3 * statistics.median(
@@ -221,6 +237,7 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         fractions = [_examples(w, n) / _examples(a, n) for a, w in zip(acc, pruned)]
         same = [_best(a).user_attrs["weights"] == _best(w).user_attrs["weights"]
                 or _best(a).user_attrs["dev_score"] == _best(w).user_attrs["dev_score"] for a, w in zip(acc, pruned)]
+        not_worse = [_not_worse(g, _best(a), _best(w)) for a, w in zip(acc, pruned)]
         lap("pruning")
 
         def studies(s, n_trials):
@@ -278,6 +295,7 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         "trials_to_99pct_reached": {name: sum(x <= b.sampler_budget for x in v) for name, v in runs.items()},
         "pruning_examples_fraction": fraction,
         "pruning_same_winner": same_winner,
+        "pruning_winner_not_worse": sum(not_worse) / len(not_worse),
         "report_ms_per_trial": report_ms,
         "report_ms_per_trial_in_memory": 1e3 * statistics.median(
             t.user_attrs["timing"]["report_s"] for w in pruned for t in _finished(w)),
@@ -314,7 +332,8 @@ def report(fig: dict) -> str:
         lines.append(f"  {label:<12} {v:>5g}  (reached on {fig['trials_to_99pct_reached'][name]}/{fig['seeds']} seeds)")
     lines += [
         f"pruning ({b['study_trials']} trials): {fig['pruning_examples_fraction']:.0%} of the examples, same winner on "
-        f"{fig['pruning_same_winner']:.0%} of seeds; reports {fig['report_ms_per_trial']:.1f} ms/trial on SQLite "
+        f"{fig['pruning_same_winner']:.0%} of seeds, not significantly worse on "
+        f"{fig['pruning_winner_not_worse']:.0%}; reports {fig['report_ms_per_trial']:.1f} ms/trial on SQLite "
         f"({fig['report_ms_per_trial_in_memory']:.1f} in memory)",
     ]
     for key, what in (("selection", f"global, {b['study_trials']} trials"),
