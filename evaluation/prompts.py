@@ -55,6 +55,21 @@ def render_prompt(tokenizer, text: str, system: str | None = None, chat: bool = 
         return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
 
 
+def end_of_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant message (Llama 3's `<|eot_id|>`, Qwen's
+    `<|im_end|>`), trailing whitespace dropped; "" without a template. A reference answer is
+    scored with it, so a model that would run on past the answer loses probability."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    probe = "\u2603\u2603"  # text no template writes itself
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except jinja2.exceptions.TemplateError:
+        return ""
+    return text.rsplit(probe, 1)[-1].rstrip() if probe in text else ""
+
+
 def target_delimiter(tokenizer, chat: bool, delimiter: str | None = None) -> str:
     """lm-eval's delimiter between context and answer: "" under a chat template, else " "."""
     if uses_chat(tokenizer, chat):

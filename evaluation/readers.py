@@ -6,12 +6,14 @@ and every item is validated into one canonical form per kind:
     choice     {"id", "text", "choices": [str, ...], "answer": int}
     generate   {"id", "text", "answers": [answer, *aliases]}
     reference  {"id", "text", "reference"}
+    verifiable {"id", "text", "checks": [{"type", ...args}, ...]}   (+ "witness" when given)
 
 plus "passage" when the row has one. Accepted rows:
 
     choice     {"id", "question", "choices", "answer": index}   or C-Eval: id,question,A,B,C,D,answer
     generate   {"id", "question", "answer", "aliases": [...]}   (aliases optional)
     reference  {"id", "prompt", "reference"}
+    verifiable {"id", "prompt", "checks": [...], "witness": "..."}  (checks: evaluation.verifiable)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from evaluation.ceval import LETTERS
 from evaluation.errors import EvalError
 
-KINDS = ("choice", "reference", "generate")
+KINDS = ("choice", "reference", "generate", "verifiable")
 # C-Eval has lower-case `question`/`answer`, CMMLU capitalised ones; both are read.
 _TEXT_FIELDS = ("question", "prompt")
 
@@ -113,6 +115,8 @@ def row_layout(row: dict) -> tuple[str, str] | None:
         return "choice", "ceval"
     if "choices" in row:
         return "choice", "native"
+    if "checks" in row:
+        return "verifiable", "native"
     if "reference" in row:
         return "reference", "native"
     if "answer" in row:
@@ -127,8 +131,8 @@ def detect(path: Path, hf_split: str | None = None) -> tuple[str, str]:
         if found is None:
             raise EvalError(
                 f"{where}: cannot tell the task kind from the columns {sorted(row)}: expected "
-                "'choices' (choice), A/B/.../answer (C-Eval choice), 'reference' (reference) or "
-                "'answer' (generate)"
+                "'choices' (choice), A/B/.../answer (C-Eval choice), 'reference' (reference), "
+                "'checks' (verifiable) or 'answer' (generate)"
             )
         return found
     raise EvalError(f"{path}: no items")
@@ -168,7 +172,7 @@ def _validate(row: dict, kind: str, where: str, default_id: str) -> dict:
         rid = default_id  # C-Eval's own files carry ids; others get their row number
     else:
         rid = str(_field(row, ("id",), (str, int), where))
-    text = _field(row, _TEXT_FIELDS, (str,), where, "question" if kind != "reference" else "prompt")
+    text = _field(row, _TEXT_FIELDS, (str,), where, "question" if kind not in ("reference", "verifiable") else "prompt")
     if not text.strip():
         raise EvalError(f"{where}: field 'question' is empty")
     item: dict = {"id": rid, "text": text}
@@ -200,6 +204,23 @@ def _validate(row: dict, kind: str, where: str, default_id: str) -> dict:
         if not str(answer).strip():
             raise EvalError(f"{where}: field 'answer' is empty")
         item["answers"] = [str(answer), *aliases]
+    elif kind == "verifiable":
+        from evaluation.verifiable import check_item, check_spec
+
+        checks = _field(row, ("checks",), (list,), where)
+        if not checks:
+            raise EvalError(f"{where}: field 'checks' must list at least one check")
+        for i, check in enumerate(checks):
+            problem = check_spec(check)
+            if problem:
+                raise EvalError(f"{where}: field 'checks'[{i}]: {problem}")
+        item["checks"] = checks
+        if "witness" in row:
+            witness = _field(row, ("witness",), (str,), where)
+            failed = [c["type"] for c, ok in zip(checks, check_item(item, witness)) if not ok]
+            if failed:
+                raise EvalError(f"{where}: field 'witness' fails its own check(s) {', '.join(failed)}")
+            item["witness"] = witness
     else:
         reference = _field(row, ("reference",), (str,), where)
         if not reference:

@@ -18,7 +18,12 @@ Semantics (metric names as lm-eval's):
   would get on rows of their own.
 - reference: `logprob`, the mean per-token log-probability of the reference (unbounded), and
   `prob` = exp(logprob) in (0, 1], the per-token geometric-mean probability, which aggregates.
+- reference under a chat template: the reference is followed by the template's end-of-turn
+  token (`<|eot_id|>`), scored with it.
 - generate: greedy decoding; `exact_match` and `contains` after `normalize_answer`.
+- verifiable: greedy decoding, then every constraint of the item checked by code
+  (verifiable.py): IFEval's prompt- and instruction-level strict and loose accuracies.
+- generate and verifiable: `zh_fidelity`, the share of answers written in simplified Chinese.
 - lmeval entries: lm-eval's own metrics (lmeval.py).
 """
 
@@ -34,11 +39,15 @@ from evaluation.ceval import LETTERS, description, letters_text, subject_from_pa
 from evaluation.errors import EvalError
 from evaluation.generate import GenBatch, generate, pack_prompts
 from evaluation.packing import Batch, Prefix, build_rows, pack_rows, run_batches
-from evaluation.prompts import answer_metrics, encode_pair, lm_encode, render_prompt, target_delimiter, uses_chat
-from evaluation.tasks import METRICS, Suite, Task
+from evaluation.prompts import (answer_metrics, encode_pair, end_of_turn, lm_encode, render_prompt, target_delimiter,
+                                uses_chat)
+from evaluation.tasks import GENERATED_KINDS, METRICS, POOLED_METRICS, Suite, Task
+from evaluation.verifiable import metrics as verifiable_metrics
+from evaluation.verifiable import zh_fidelity
 
 # The default metric of each kind that enters the suite score (a task's `metric:` overrides it).
-PRIMARY_METRIC = {"choice": "acc", "reference": "prob", "generate": "exact_match", "lmeval": "acc"}
+PRIMARY_METRIC = {"choice": "acc", "reference": "prob", "generate": "exact_match",
+                  "verifiable": "prompt_level_strict_acc", "lmeval": "acc"}
 
 __all__ = ["EvalSuite", "PRIMARY_METRIC", "ShardScore", "SuiteResult", "encode_pair", "render_prompt"]
 
@@ -120,7 +129,7 @@ class EvalSuite:
             chat_t, system_t = self.settings(task)
             pi = len(self._plans)
             for ii, item in enumerate(plan.items):
-                if task.kind == "generate":
+                if task.kind in GENERATED_KINDS:
                     text = item.get("passage", "") + ("\n\n" if "passage" in item else "") + item["text"]
                     ctx = render_prompt(tokenizer, text, system_t, chat_t, task.preamble or "")
                     prompts[pi, ii] = lm_encode(tokenizer, ctx)
@@ -170,7 +179,7 @@ class EvalSuite:
         passage = item["passage"] + "\n\n" if "passage" in item else ""
         preamble = task.preamble or ""
         if task.kind == "reference":
-            answers = [item["reference"]]
+            answers = [item["reference"] + (end_of_turn(self.tokenizer) if chat else "")]
             text = passage + item["text"]
         elif (task.style or ("letters" if task.layout == "ceval" else "cloze")) == "letters":
             answers = list(LETTERS[: len(item["choices"])])
@@ -206,7 +215,7 @@ class EvalSuite:
             items, gen = [], {}
             for pi, ii in shard.examples:
                 plan = self._plans[pi]
-                if plan.task.kind == "generate":
+                if plan.task.kind in GENERATED_KINDS:
                     gen.setdefault(pi, []).append(ii)
                     continue
                 first = plan.first_seq[ii]
@@ -260,6 +269,21 @@ class EvalSuite:
         answer_logprob = lls[gold] - float(torch.logsumexp(options, 0))
         return {"acc": float(pick == gold), "acc_norm": float(pick_norm == gold), "answer_logprob": answer_logprob}
 
+    def _generated_metrics(self, plan: _Plan, ii: int, text: str) -> dict[str, float]:
+        item = plan.items[ii]
+        out = verifiable_metrics(item, text) if plan.task.kind == "verifiable" else answer_metrics(text, item["answers"])
+        out["zh_fidelity"] = zh_fidelity(text)
+        return out
+
+    @staticmethod
+    def _mean(plan: _Plan, done: dict[int, dict[str, float]], order: list[int], metric: str) -> float:
+        """A task's value of `metric` over its scored items; instruction-level accuracies of a
+        verifiable task pool every check (each item weighted by its number of checks), as IFEval."""
+        if plan.task.kind == "verifiable" and metric in POOLED_METRICS:
+            n = [len(plan.items[i]["checks"]) for i in order]
+            return sum(done[i][metric] * k for i, k in zip(order, n)) / sum(n)
+        return sum(done[i][metric] for i in order) / len(order)
+
     def score_shards(self, model, order: list[int] | None = None) -> Iterator[ShardScore]:
         """Score shard by shard (in `order`, default 0..n-1); each yields its examples' value of
         the suite's metric and the running result over every example scored so far."""
@@ -275,11 +299,11 @@ class EvalSuite:
             lp_cpu = lp.cpu()
             for gb in shard.gen_batches:
                 for (pi, ii), text in zip(gb.examples, generate(model, self.tokenizer, gb, self._pad_id)):
-                    done[pi][ii] = answer_metrics(text, self._plans[pi].items[ii]["answers"])
+                    done[pi][ii] = self._generated_metrics(self._plans[pi], ii, text)
             examples = {}
             for pi, ii in shard.examples:
                 plan = self._plans[pi]
-                if plan.task.kind != "generate":
+                if plan.task.kind not in GENERATED_KINDS:
                     done[pi][ii] = self._item_metrics(plan, ii, lp_cpu)
                 examples[self._key(pi, ii)] = done[pi][ii][self.objective_metric(plan.task)]
             if n_done == len(order) and self._lmeval is not None:
@@ -300,7 +324,7 @@ class EvalSuite:
                 continue
             order = sorted(done[pi])  # item order, so the means do not depend on the sharding
             names = METRICS[plan.task.kind]
-            tasks[plan.task.name] = {m: sum(done[pi][i][m] for i in order) / len(order) for m in names}
+            tasks[plan.task.name] = {m: self._mean(plan, done[pi], order, m) for m in names}
             examples.update({self._key(pi, i): done[pi][i][plan.task.primary_metric] for i in order})
             metric = self.objective_metric(plan.task)
             objective_examples.update({self._key(pi, i): done[pi][i][metric] for i in order})

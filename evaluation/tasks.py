@@ -4,7 +4,7 @@
     system: 你是一个乐于助人的助手。     # optional system prompt (chat template)
     tasks:
       - name: numerals
-        kind: choice                 # choice | reference | generate (inferred when left out)
+        kind: choice                 # choice | reference | generate | verifiable (inferred when left out)
         data: {dev: numerals.dev.jsonl, test: numerals.test.jsonl}
         weight: 1.0
       - name: accountant
@@ -40,8 +40,14 @@ METRICS = {
     # (the negative option cross-entropy): smooth where acc is a step function of the weights
     "choice": ("acc", "acc_norm", "answer_logprob"),
     "reference": ("prob", "logprob"),  # prob = exp(mean token logprob) in (0, 1]; logprob unbounded
-    "generate": ("exact_match", "contains"),
+    # zh_fidelity: the share of answers written in simplified Chinese (verifiable.zh_fidelity)
+    "generate": ("exact_match", "contains", "zh_fidelity"),
+    # IFEval's names (verifiable.py); inst-level metrics pool the checks of all items
+    "verifiable": ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                   "inst_level_loose_acc", "zh_fidelity"),
 }
+GENERATED_KINDS = ("generate", "verifiable")  # scored on greedy generations, not log-likelihoods
+POOLED_METRICS = ("inst_level_strict_acc", "inst_level_loose_acc")  # task mean weighted by checks
 # The metric of each kind that a search may optimise instead of the primary one (`smooth`): it
 # moves with every small change of the weights, where acc and exact match stay on wide plateaus.
 SMOOTH_METRIC = {"choice": "answer_logprob", "reference": "logprob"}
@@ -56,7 +62,7 @@ _SUITE_KEYS = {"name", "description", "system", "chat", "tasks"}
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # choice | reference | generate | lmeval
+    kind: str  # choice | reference | generate | verifiable | lmeval
     files: dict[str, Path] = field(default_factory=dict)  # split (or "*") -> data file/folder
     weight: float = 1.0
     description: str = ""
@@ -67,8 +73,8 @@ class Task:
     target_delimiter: str | None = None  # between prompt and answer without a chat template
     preamble: str | None = None  # lm-eval's `description`: text before every prompt
     subject: str | None = None  # C-Eval subject for its description (default: from the file name)
-    max_new_tokens: int = 32  # generate
-    stop: tuple[str, ...] = ()  # generate: stop strings (EOS always stops)
+    max_new_tokens: int = 32  # generate, verifiable
+    stop: tuple[str, ...] = ()  # generate, verifiable: stop strings (EOS always stops)
     metric: str | None = None  # the metric entering the suite score (default: the kind's first)
     hf_split: str | None = None  # split of a DatasetDict folder
     lmeval: str | None = None  # lm-eval task name or YAML path

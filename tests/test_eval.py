@@ -67,7 +67,7 @@ def test_choice_acc_and_acc_norm_hand_checked(tmp_path):
     pick = result.tasks["pick"]
     assert (pick["acc"], pick["acc_norm"]) == (2 / 5, 3 / 5)
     assert pick["answer_logprob"] == pytest.approx(sum(gold) / 5, abs=1e-5)
-    mean_lp = ((3 - z) + (1 - z)) / 2
+    mean_lp = ((3 - z) + (1 - z) + (-z)) / 3  # 大, 小, then the chat template's <|eot_id|> (scored too)
     assert result.tasks["say"]["logprob"] == pytest.approx(mean_lp, abs=1e-5)
     assert result.tasks["say"]["prob"] == pytest.approx(math.exp(mean_lp), abs=1e-6)
     assert result.score == pytest.approx((3 * 0.4 + math.exp(mean_lp)) / 4, abs=1e-6)
@@ -87,7 +87,7 @@ def test_batched_logprobs_equal_an_unbatched_full_forward(tmp_path):
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([c + r])).logits[0].float(), -1)
             expected.append(sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(r)))
-    c, r = encode_pair(tok, render_prompt(tok, "一"), "大小", special=False, move_whitespace=False)
+    c, r = encode_pair(tok, render_prompt(tok, "一"), "大小<|eot_id|>", special=False, move_whitespace=False)  # the end of turn is scored
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([c + r])).logits[0].float(), -1)
     expected.append(sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(r)))
@@ -136,7 +136,7 @@ def test_unknown_suite_lists_the_available_ones(tmp_path):
     with pytest.raises(EvalError, match=r"Unknown suite 'nope'.*Available: .*demo"):
         load_suite("nope")
     (tmp_path / "suite.yaml").write_text("name: s\ntasks:\n  - {name: t, kind: guess, data: {dev: a.jsonl}}\n")
-    with pytest.raises(EvalError, match=r"suite\.yaml: tasks\[0\]\.kind: must be one of \['choice', 'reference', 'generate'\] but got 'guess'"):
+    with pytest.raises(EvalError, match=r"suite\.yaml: tasks\[0\]\.kind: must be one of \['choice', 'reference', 'generate', 'verifiable'\] but got 'guess'"):
         load_suite(tmp_path)
     with pytest.raises(EvalError, match="has no split 'test'"):
         _suite(tmp_path).tasks[0].items("test")

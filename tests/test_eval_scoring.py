@@ -181,10 +181,10 @@ def test_generate_greedy_with_max_length_and_stop_strings(tmp_path):
     model = constant_model(tok)  # always predicts 大
     result = EvalSuite(_write(tmp_path), tok, "dev", batch_size=2).score(model)
     # "大大大" after 3 new tokens: g1 exact, g2 contains 大, g3 neither.
-    assert result.tasks["say"] == {"exact_match": 1 / 3, "contains": 2 / 3}
+    assert result.tasks["say"] == {"exact_match": 1 / 3, "contains": 2 / 3, "zh_fidelity": 1.0}
     assert result.examples["say/g1"] == 1.0 and result.examples["say/g2"] == 0.0
     stopped = EvalSuite(_write(tmp_path, extra=", stop: 大大"), tok, "dev").score(model)
-    assert stopped.tasks["say"] == {"exact_match": 0.0, "contains": 0.0}  # cut before "大大": empty
+    assert stopped.tasks["say"] == {"exact_match": 0.0, "contains": 0.0, "zh_fidelity": 1.0}  # cut before "大大": empty
     mixed = (result.tasks["pick"]["acc"] + result.tasks["letters"]["acc"] + 1 / 3) / 3
     assert result.score == pytest.approx(mixed)
 
