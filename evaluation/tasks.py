@@ -170,6 +170,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"{path}: tasks: task names must be unique but got {names}")
+    if not any(t.weight > 0 for t in tasks):
+        raise EvalError(f"{path}: tasks: every task has weight 0, so the suite has no score; give one a weight > 0")
     return Suite(name=str(spec.get("name", path.parent.name)), path=path, tasks=tasks, system=system, chat=chat)
 
 
@@ -218,8 +220,8 @@ def _task(t: object, base: Path, where: str) -> Task:
     if not isinstance(name, str) or not name:
         raise EvalError(f"{where}.name: required, a non-empty string")
     weight = t.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-        raise EvalError(f"{where}.weight: must be a positive number but got {weight!r}")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0 or weight == float("inf"):
+        raise EvalError(f"{where}.weight: must be a number >= 0 (0: reported, not in the suite score) but got {weight!r}")
     kw.update(name=name, weight=float(weight), description=str(t.get("description", "")))
     _options(t, kw, where)
     return Task(**kw)

@@ -13,7 +13,7 @@ from evaluation.readers import detect, read_items
 from evaluation.tasks import ANY_SPLIT, DATA_DIR, load_suite
 
 LITE = DATA_DIR / "zh-instruct-lite"
-CATEGORIES = {"knowledge", "reasoning", "reading", "math", "instruct", "idiom_poetry"}
+CATEGORIES = {"knowledge", "reasoning", "reading", "math", "verifiable", "instruct", "idiom_poetry"}
 
 
 def _jsonl(path, rows):
@@ -25,7 +25,9 @@ def test_zh_instruct_lite_is_valid_and_its_splits_are_disjoint():
     suite = load_suite("zh-instruct-lite")
     assert {t.name for t in suite.tasks} == CATEGORIES
     assert suite.splits() == {"dev", "test"}
-    assert {t.name: t.kind for t in suite.tasks if t.kind != "choice"} == {"math": "generate", "instruct": "reference"}
+    assert {t.name: t.kind for t in suite.tasks if t.kind != "choice"} == {
+        "math": "generate", "verifiable": "verifiable", "instruct": "reference"}
+    assert {t.name: t.weight for t in suite.tasks}["instruct"] == 0.0  # reported, not in the suite score
     assert (LITE / "README.md").is_file()
     ids, total = set(), 0
     for task in suite.tasks:
@@ -138,7 +140,8 @@ def test_suite_yaml_keys_are_checked(tmp_path):
         "  - {name: t, file: c.jsonl, metric: exact_match}": r"tasks\[0\]\.metric: must be one of \['acc', 'acc_norm', 'answer_logprob'\] for a choice task",
         "  - {name: t, file: c.jsonl, data: {dev: c.jsonl}}": r"tasks\[0\]: give exactly one of 'data' \(split -> file\), 'file' or 'lmeval'",
         "  - {name: t, file: missing.jsonl}": r"tasks\[0\]\.file: file not found: .*missing\.jsonl",
-        "  - {name: t, file: c.jsonl, weight: 0}": r"tasks\[0\]\.weight: must be a positive number but got 0",
+        "  - {name: t, file: c.jsonl, weight: -1}": r"tasks\[0\]\.weight: must be a number >= 0 .* but got -1",
+        "  - {name: t, file: c.jsonl, weight: 0}": r"suite\.yaml: tasks: every task has weight 0",
         "  - {name: t, file: c.jsonl, max_new_tokens: 0}": r"tasks\[0\]\.max_new_tokens: must be at least 1 but got 0",
         "  - {name: t, file: c.jsonl, chat: maybe}": r"tasks\[0\]\.chat: must be bool but got 'maybe'",
         "  - {name: t, lmeval: nope.yaml}": r"tasks\[0\]\.lmeval: file not found: .*nope\.yaml",
