@@ -12,7 +12,8 @@ function of `CHECKS` (type -> `check(response, **kwargs) -> bool`). Metrics, nam
   on any of the answer's loose variants (IFEval's: the first line dropped, the last line dropped,
   both, and each of those with markdown emphasis `*` removed).
 
-Characters are counted without whitespace, punctuation included. "Stripped" means leading and
+Characters are counted without whitespace, punctuation included. An empty answer fails every
+check (IFEval lets it pass the negative ones, such as "no commas"). "Stripped" means leading and
 trailing whitespace removed. Traditional-only characters are found with OpenCC's t2s conversion
 (a maintained converter, not a hand-made table).
 """
@@ -190,6 +191,10 @@ def check_spec(check: dict) -> str | None:
 
 
 def run_check(check: dict, response: str) -> bool:
+    """One check on one answer; an empty answer follows no instruction (it would pass `excludes`,
+    `no_digits` or `simplified_only` for free)."""
+    if not response.strip():
+        return False
     return CHECKS[check["type"]](response, **{k: v for k, v in check.items() if k != "type"})
 
 

@@ -300,17 +300,27 @@ def bench_merge_cmd(as_json, params, device, repeats, no_mergekit) -> None:
 @click.option("--split", default="dev", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads for both sides (default: torch's).")
-def bench_eval_cmd(as_json, batch_size, repeats, split, device, threads) -> None:
-    """Native EvalSuite vs lm-eval's evaluator.evaluate: same tasks, weights and batch size."""
+@click.option("--suite-models", default="demo,150M", show_default=True,
+              help="Also time one candidate on the whole zh-instruct-lite suite, per task kind, for these "
+                   "models (demo: the demo family's uniform merge; a size such as 150M: a random Llama); "
+                   "'' to skip.")
+def bench_eval_cmd(as_json, batch_size, repeats, split, device, threads, suite_models) -> None:
+    """Native EvalSuite vs lm-eval's evaluator.evaluate (same tasks, weights and batch size), and
+    the time of a whole suite per candidate with the share of each task kind."""
     import torch
 
-    from search.bench.eval import bench_eval
+    from search.bench.eval import bench_eval, bench_suite, report_suite
     from search.merger import resolve_device
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
         fig = bench_eval(split=split, batch_size=batch_size, repeats=repeats, device=str(resolve_device(device)))
+        models = tuple(m.strip() for m in suite_models.split(",") if m.strip())
+        if models:
+            fig["suite_timing"] = bench_suite(split=split, models=models, batch_size=batch_size,
+                                              device=str(resolve_device(device)))
+            click.echo(report_suite(fig["suite_timing"]))
     finally:
         torch.set_num_threads(before)
     for task, t in fig["tasks"].items():

@@ -59,11 +59,18 @@ def test_demo_family_parity_before_and_after_an_in_place_merge(demo_family, tmp_
 def test_bench_eval_json(demo_family):
     from search.cli import main
 
-    out = CliRunner().invoke(main, ["bench", "eval", "--json", "--repeats", "1", "--threads", "1"])
+    out = CliRunner().invoke(main, ["bench", "eval", "--json", "--repeats", "1", "--threads", "1",
+                                    "--suite-models", "demo"])
     assert out.exit_code == 0, out.output
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert fig["acc_identical"] is True and fig["acc_native"] == fig["acc_lmeval"]
     assert fig["items"] == 240 and fig["speedup_vs_lmeval"] > 1  # 3 tasks x 80 dev items
+    timing = fig["suite_timing"]
+    kinds = timing["models"]["demo"]["kinds"]
+    assert set(kinds) == {"choice", "generate", "reference", "verifiable"}
+    assert sum(k["items"] for k in kinds.values()) == timing["items"] >= 400
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1, abs=0.01)
+    assert all(k["s"] > 0 for k in kinds.values()) and timing["models"]["demo"]["suite_s"] > 0
 
 
 @pytest.mark.slow
@@ -76,10 +83,15 @@ def test_eval_command_on_a_model_folder_with_the_builtin_suite(demo_family):
     assert out.exit_code == 0, out.output
     report = json.loads(out.stdout)
     primary = {"knowledge": "acc", "reasoning": "acc", "reading": "acc", "math": "exact_match",
-               "instruct": "prob", "idiom_poetry": "acc"}
+               "instruct": "prob", "idiom_poetry": "acc", "verifiable": "prompt_level_strict_acc"}
     assert report["suite"] == "zh-instruct-lite" and report["split"] == "dev" and report["primary_metric"] == primary
     result = report["models"]["inst-v1"]
-    names = {"acc": ["acc", "acc_norm", "answer_logprob"], "exact_match": ["exact_match", "contains"], "prob": ["prob", "logprob"]}
+    names = {"acc": ["acc", "acc_norm", "answer_logprob"], "exact_match": ["exact_match", "contains", "zh_fidelity"],
+             "prob": ["prob", "logprob"],
+             "prompt_level_strict_acc": ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                                         "inst_level_loose_acc", "zh_fidelity"]}  # IFEval's names
     assert {t: sorted(m) for t, m in result["tasks"].items()} == {t: sorted(names[m]) for t, m in primary.items()}
-    assert result["score"] == pytest.approx(sum(result["tasks"][t][m] for t, m in primary.items()) / 6, abs=1e-12)
+    # instruct has weight 0: the suite score is the mean of the other six tasks' primary metrics
+    assert result["score"] == pytest.approx(
+        sum(result["tasks"][t][m] for t, m in primary.items() if t != "instruct") / 6, abs=1e-12)
     assert all(0 <= v <= 1 for t, m in result["tasks"].items() for k, v in m.items() if k not in ("logprob", "answer_logprob"))

@@ -83,6 +83,12 @@ def test_ifeval_metrics_of_one_answer():
     assert metrics(item, "答：好")["prompt_level_strict_acc"] == 1.0
 
 
+def test_an_empty_answer_follows_no_instruction():
+    item = {"checks": [{"type": "excludes", "words": ["不"]}, {"type": "no_digits"}, {"type": "max_chars", "n": 9}]}
+    assert check_item(item, "  \n") == [False, False, False] and check_item_loose(item, "") == [False] * 3
+    assert check_item(item, "好") == [True, True, True]
+
+
 def test_zh_fidelity_flags_english_and_traditional_answers():
     assert zh_fidelity("长城在北京。") == 1.0
     assert zh_fidelity("42") == 1.0  # a bare number: nothing slipped

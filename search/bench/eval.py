@@ -107,3 +107,70 @@ def bench_eval(*, suite: str = "demo", split: str = "dev", batch_size: int = 32,
         "acc_identical": identical,
         "tasks": per_task,
     }
+
+
+def bench_suite(*, suite: str = "zh-instruct-lite", split: str = "dev", models: tuple[str, ...] = ("demo", "150M"),
+                batch_size: int = 32, repeats: int = 1, device: str = "cpu") -> dict:
+    """Seconds to score one candidate on a whole suite (what a trial pays), and each task kind's
+    share, for the demo family's uniform merge and for a randomly initialised Llama of a given
+    size (`150M`) that shares the demo tokenizer.
+
+    Every kind is timed on its own suite of that kind's tasks, then the whole suite once more.
+    The random model never says end-of-turn, so its generations run to `max_new_tokens`: the
+    worst case of a generated task. A trained model that stops early pays less."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import Suite, load_suite
+    from search.bench.merge import _llama_config, parse_count
+    from search.checkpoints import open_checkpoint
+    from search.demo import MODEL_NAMES, ensure_demo_family
+    from search.merger import InMemoryMerger
+
+    family = ensure_demo_family()
+    tokenizer = AutoTokenizer.from_pretrained(family[MODEL_NAMES[0]])
+    full = load_suite(suite)
+    kinds = list(dict.fromkeys(t.kind for t in full.tasks))
+    part = lambda tasks: Suite(name=full.name, path=full.path, tasks=tasks, system=full.system, chat=full.chat)  # noqa: E731
+    suites = {kind: EvalSuite(part([t for t in full.tasks if t.kind == kind]), tokenizer, split,
+                              batch_size=batch_size, device=device) for kind in kinds}
+    whole = EvalSuite(full, tokenizer, split, batch_size=batch_size, device=device)
+    items = {kind: sum(len(t.items(split)) for t in full.tasks if t.kind == kind) for kind in kinds}
+
+    out = {"bench": "eval-suite", "suite": full.name, "split": split, "items": sum(items.values()),
+           "batch_size": batch_size, "device": str(device), "torch_threads": torch.get_num_threads(),
+           "repeats": repeats, "models": {}}
+    for name in models:
+        if name == "demo":
+            sources = [open_checkpoint(n, family[n]) for n in MODEL_NAMES]
+            merger = InMemoryMerger(sources, device=device, dtype=torch.float32)
+            merger.apply({"merge_method": "linear", "parameters": {"normalize": True},
+                          "models": [{"model": str(family[n]), "parameters": {"weight": 1.0}} for n in MODEL_NAMES]})
+            model = merger.model
+        else:
+            torch.manual_seed(0)
+            config = _llama_config(parse_count(name))
+            config.vocab_size = max(config.vocab_size, len(tokenizer))
+            config.max_position_embeddings = 4096
+            model = LlamaForCausalLM(config).to(device).eval()
+        params = sum(p.numel() for p in model.parameters())
+        times, _ = _timed_side_by_side([lambda s=s: s.score(model) for s in (*suites.values(), whole)], repeats)
+        per_kind = dict(zip(kinds, times[:-1]))
+        total = sum(per_kind.values())
+        out["models"][name] = {
+            "params": params,
+            "suite_s": round(times[-1], 3),
+            "kinds": {k: {"items": items[k], "s": round(s, 3), "share": round(s / total, 3),
+                          "ms_per_item": round(1e3 * s / items[k], 2)} for k, s in per_kind.items()},
+        }
+        del model
+    return out
+
+
+def report_suite(fig: dict) -> str:
+    lines = [f"{fig['suite']} ({fig['split']}, {fig['items']} items), batch {fig['batch_size']}, {fig['device']} "
+             f"({fig['torch_threads']} threads): one candidate"]
+    for name, m in fig["models"].items():
+        kinds = "; ".join(f"{k} {v['s']:.2f}s ({v['share']:.0%}, {v['items']} items)" for k, v in m["kinds"].items())
+        lines.append(f"  {name} ({m['params'] / 1e6:.1f}M params): {m['suite_s']:.2f}s; {kinds}")
+    return "\n".join(lines)
