@@ -17,7 +17,7 @@ import click
 from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from evaluation.errors import EvalError
@@ -76,7 +76,7 @@ def _storage_args(run_dir: str | None, storage: str | None, study_name: str | No
     return load_existing_study(storage, study_name)
 
 
-def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
+def _print_leaderboard(rows: list[dict], limit: int = 15, more: str = "leaderboard.md") -> None:
     """The top rows, narrow enough for 80 columns: `*` marks the exported candidate, the test
     gain over uniform carries its 95% interval, the weights are one column (legend above)."""
     if not rows:
@@ -101,7 +101,7 @@ def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
                       f(r["test_score"]), vs(r), "/".join(f"{r[c]:.2f}".removeprefix("0") for c in weights))
     Console().print(table)
     if len(rows) > limit:
-        Console().print(f"... {len(rows) - limit} more rows in leaderboard.md")
+        Console().print(f"... {len(rows) - limit} more rows{' in ' + more if more else ''}")
 
 
 @main.command()
@@ -114,15 +114,16 @@ def _print_leaderboard(rows: list[dict], limit: int = 15) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where sources live and models run.")
 @click.option("--search-on-test", is_flag=True, help="Allow eval.search_split to be the held-out split (its "
               "test score is then no longer held out).")
-def run(config, trials, timeout, storage, study_name, out, device, search_on_test) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table: only the final sentence.")
+def run(config, trials, timeout, storage, study_name, out, device, search_on_test, quiet) -> None:
     """Search merge weights for CONFIG (default: configs/demo.yaml) and write the run folder.
 
-    Writes study.db, best.yaml (mergekit config), best.json, leaderboard.md and
-    leaderboard.csv. Running again with the same storage and study name resumes.
+    Writes study.db, best.yaml (mergekit config), best.json, leaderboard.md,
+    leaderboard.csv and report.html. Running again with the same storage and study name resumes.
     """
     from search.config import load_config
     from search.report import best_sentence, score_note, write_outputs
-    from search.study import check_search_split, run_search
+    from search.study import check_search_split, finished_count, run_search
 
     cfg = load_config(
         config, **{"study.n_trials": trials, "study.timeout": timeout, "study.storage": storage,
@@ -135,23 +136,56 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
         if not demo_family_dir().is_dir():
             console.print(f"building the demo model family in {demo_family_dir()} (once, a few minutes)...")
         ensure_demo_family()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"study {cfg.study_name}", total=cfg.study.n_trials, best="-")
+    have = finished_count(cfg)
+    if have >= cfg.study.n_trials:
+        click.echo(f"study {cfg.study_name!r} already has {have} finished trials of the {cfg.study.n_trials} wanted: "
+                   f"nothing left to run (pass --trials N for more); writing the outputs again")
+        study = run_search(cfg, search_on_test=search_on_test)
+    elif quiet:
+        study = run_search(cfg, search_on_test=search_on_test)
+    else:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("best dev {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(f"study {cfg.study_name}" + (f" (resumed at {have})" if have else ""),
+                                total=cfg.study.n_trials, completed=have, best="-")
 
-        def on_trial(study, trial):
-            from search.study import complete_trials, finished
+            def on_trial(study, trial):
+                from search.study import complete_trials, finished
 
-            scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
-            bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
+                scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
+                bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
-        study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test)
+            study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test)
     summary, rows = write_outputs(study, cfg.out_dir)
-    _print_leaderboard(rows)
-    note = score_note(study)
-    if note:  # what dev_score is a mean of
-        click.echo(note.splitlines()[0])
+    report = _write_report(study, cfg.out_dir / "report.html")
+    if not quiet:
+        _print_leaderboard(rows)
+        note = score_note(study)
+        if note:  # what dev_score is a mean of
+            _echo_wrapped(note.splitlines()[0])
+        if report:
+            click.echo(report)
     click.echo(f"{best_sentence(summary)}; outputs in {cfg.out_dir}/")
+
+
+def _echo_wrapped(text: str) -> None:
+    """A paragraph wrapped to the terminal's width (80 columns when it is not a terminal)."""
+    import textwrap
+
+    click.echo(textwrap.fill(text, width=max(40, Console().width)))
+
+
+def _write_report(study, path: Path) -> str:
+    """Write report.html when the report extra (plotly) is installed; the line to print."""
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        return "report.html skipped: pip install 'merge-search[report]' (plotly) to get it"
+    from search.htmlreport import write_report
+
+    write_report(study, path)
+    return f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB, opens offline)"
 
 
 @main.command()
@@ -216,13 +250,43 @@ def eval_(target, suite, split, device, batch_size, system, chat) -> None:
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--storage", help="Optuna storage URL instead of RUN_DIR.")
 @click.option("--study-name", help="Study name (needed when the storage holds several).")
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
-def leaderboard(run_dir, storage, study_name, fmt) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]), default="table", show_default=True,
+              help="table: the top rows, readable at 80 columns; md, csv, json: every row and column.")
+@click.option("--top", type=int, help="Only the first K rows (table default: 15).")
+def leaderboard(run_dir, storage, study_name, fmt, top) -> None:
     """Print the leaderboard of a run folder or a study."""
     from search.report import leaderboard_rows, render, score_note
 
+    if top is not None and top < 1:
+        raise MergeSearchError(f"--top must be at least 1 but got {top}")
     study = _storage_args(run_dir, storage, study_name)
-    click.echo(render(leaderboard_rows(study), fmt, score_note(study)), nl=False)
+    rows = leaderboard_rows(study)
+    if fmt == "table":
+        _print_leaderboard(rows, top or 15, more="(--top K or --format md for more)")
+        note = score_note(study)
+        if note:
+            _echo_wrapped(note.splitlines()[0])
+        return
+    click.echo(render(rows[:top] if top else rows, fmt, score_note(study)), nl=False)
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--storage", help="Optuna storage URL instead of RUN_DIR.")
+@click.option("--study-name", help="Study name (needed when the storage holds several).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="The HTML file (default RUN_DIR/report.html).")
+def report(run_dir, storage, study_name, output) -> None:
+    """Write report.html: leaderboard, history, importances, simplex, per-task scores, timing."""
+    from search.htmlreport import write_report
+
+    if not output and not run_dir:
+        raise MergeSearchError("give -o FILE.html with --storage (or a RUN_DIR to write RUN_DIR/report.html)")
+    study = _storage_args(run_dir, storage, study_name)
+    path = Path(output) if output else Path(run_dir) / "report.html"
+    if not path.parent.is_dir():
+        raise MergeSearchError(f"{path.parent}: no such folder for the report")
+    write_report(study, path)
+    click.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB, opens offline)")
 
 
 @main.command()

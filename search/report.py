@@ -162,6 +162,11 @@ METRIC_MEANING = {
                       "negative option cross-entropy, <= 0; smooth in the weights)",
     "exact_match": "greedy answer equal to a reference after normalisation",
     "contains": "greedy answer containing a reference after normalisation",
+    "prompt_level_strict_acc": "the share of requests whose greedy answer passes every one of its checks (IFEval)",
+    "inst_level_strict_acc": "the share of all checks that pass, pooled over the requests (IFEval)",
+    "prompt_level_loose_acc": "as prompt_level_strict_acc, a check passing on any of IFEval's loose variants of the answer",
+    "inst_level_loose_acc": "as inst_level_strict_acc, on IFEval's loose variants of the answer",
+    "zh_fidelity": "the share of generated answers written in simplified Chinese",
 }
 
 

@@ -119,6 +119,19 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         ) from None
 
 
+def finished_count(cfg: RunConfig) -> int:
+    """Finished trials already in the study of `cfg` (0 when there is no such study yet); reads
+    the storage without creating anything."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=url)
+    except KeyError:
+        return 0
+    return len(finished(study))
+
+
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return study.get_trials(deepcopy=False, states=states)

@@ -23,10 +23,15 @@ def demo_run(demo_family, tmp_path_factory):
 
 def test_the_demo_writes_every_output(demo_run, demo_family):
     out, output = demo_run
-    for name in ("study.db", "best.yaml", "best.json", "leaderboard.md", "leaderboard.csv"):
+    for name in ("study.db", "best.yaml", "best.json", "leaderboard.md", "leaderboard.csv", "report.html"):
         assert (out / name).is_file(), name
     assert "best:" in output
-    assert "dev_score: the weighted mean, on split `dev` of suite `demo`, of numerals `acc` (×1)" in output
+    words = " ".join(output.split())  # the note is wrapped to the terminal's width
+    assert "dev_score: the weighted mean, on split `dev` of suite `demo`, of numerals `acc` (×1)" in words
+    lines = output.splitlines()
+    table = lines[next(i for i, x in enumerate(lines) if "leaderboard (" in x):
+                  next(i for i, x in enumerate(lines) if x.startswith("dev_score:")) + 2]
+    assert len(table) > 5 and max(len(line) for line in table) <= 80  # not a terminal: 80 columns
     config = yaml.safe_load((out / "best.yaml").read_text())
     assert [m["model"] for m in config["models"]] == [str(demo_family[n].resolve()) for n in SOURCES]
 

@@ -122,7 +122,7 @@ def test_mergekit_accepts_the_exported_config(setup):
 def test_leaderboard_command_formats(setup):
     config, _, root = setup
     runner = CliRunner()
-    md = runner.invoke(main, ["leaderboard", str(root / "run")])
+    md = runner.invoke(main, ["leaderboard", str(root / "run"), "--format", "md"])
     assert md.exit_code == 0 and md.output.startswith("| rank | trial | label | state | selected | dev_score | dev_vs_uniform |")
     js = json.loads(runner.invoke(main, ["leaderboard", str(root / "run"), "--format", "json"]).output)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'run' / 'study.db'}")
@@ -215,7 +215,7 @@ def test_the_leaderboard_says_which_metric_of_each_task_makes_the_score(setup, t
     md = (tmp_path / "run" / "leaderboard.md").read_text()
     assert "dev_score: the weighted mean, on split `dev` of suite `mixed`, of c `acc` (×1), r `prob` (×3)." in md
     assert "- `prob`: exp of the mean per-token log-probability of the reference answer, in (0, 1]" in md
-    assert runner.invoke(main, ["leaderboard", str(tmp_path / "run")]).output == md
+    assert runner.invoke(main, ["leaderboard", str(tmp_path / "run"), "--format", "md"]).output == md
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["score_terms"]["r"] == {"kind": "reference", "metric": "prob", "weight": 3.0}
 
