@@ -258,8 +258,10 @@ def _check_window(model, span: int) -> None:
 
 
 @torch.inference_mode()
-def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefix | None = None) -> None:
-    """Add each scored target's log-probability (fp32 log-softmax) to its sequence's total."""
+def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefix | None = None,
+                on_batch=None) -> None:
+    """Add each scored target's log-probability (fp32 log-softmax) to its sequence's total;
+    `on_batch()` after each batch (a progress bar)."""
     body, head = split_head(model)
     net = body if head is not None else model
     kv = None
@@ -286,3 +288,5 @@ def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefi
             logits = out.reshape(-1, out.shape[-1])[b.positions]
         logp = torch.log_softmax(logits.float(), dim=-1)
         totals.index_add_(0, b.sequences, logp[b.gather, b.targets].double())
+        if on_batch is not None:
+            on_batch()

@@ -284,9 +284,15 @@ class EvalSuite:
             return sum(done[i][metric] * k for i, k in zip(order, n)) / sum(n)
         return sum(done[i][metric] for i in order) / len(order)
 
-    def score_shards(self, model, order: list[int] | None = None) -> Iterator[ShardScore]:
+    @property
+    def n_batches(self) -> int:
+        """Forward and generation batches of one full scoring (what `on_batch` counts)."""
+        return sum(len(s.batches) + len(s.gen_batches) for s in self._shards)
+
+    def score_shards(self, model, order: list[int] | None = None, on_batch=None) -> Iterator[ShardScore]:
         """Score shard by shard (in `order`, default 0..n-1); each yields its examples' value of
-        the suite's metric and the running result over every example scored so far."""
+        the suite's metric and the running result over every example scored so far.
+        `on_batch()` is called after every batch (a progress bar's tick)."""
         order = list(range(len(self._shards))) if order is None else list(order)
         if sorted(order) != list(range(len(self._shards))):
             raise EvalError(f"order must be a permutation of the {len(self._shards)} shards but got {order}")
@@ -295,11 +301,13 @@ class EvalSuite:
         lm_metrics: dict[str, dict[str, float]] = {}
         for n_done, index in enumerate(order, start=1):
             shard = self._shards[index]
-            run_batches(model, shard.batches, lp, shard.prefix)
+            run_batches(model, shard.batches, lp, shard.prefix, on_batch)
             lp_cpu = lp.cpu()
             for gb in shard.gen_batches:
                 for (pi, ii), text in zip(gb.examples, generate(model, self.tokenizer, gb, self._pad_id)):
                     done[pi][ii] = self._generated_metrics(self._plans[pi], ii, text)
+                if on_batch is not None:
+                    on_batch()
             examples = {}
             for pi, ii in shard.examples:
                 plan = self._plans[pi]
@@ -310,10 +318,10 @@ class EvalSuite:
                 lm_metrics = self._lmeval.run(model)
             yield ShardScore(index, len(self._shards), examples, self._result(done, lm_metrics))
 
-    def score(self, model) -> SuiteResult:
+    def score(self, model, on_batch=None) -> SuiteResult:
         """Score `model` (any causal LM sharing the tokenizer) on this split."""
         result = None
-        for shard in self.score_shards(model):
+        for shard in self.score_shards(model, on_batch=on_batch):
             result = shard.result
         return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -149,6 +150,8 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
                       TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task(f"study {cfg.study_name}" + (f" (resumed at {have})" if have else ""),
                                 total=cfg.study.n_trials, completed=have, best="-")
+            batches = bar.add_task("  eval batches", total=1, visible=False, best="")
+            started = [0.0]
 
             def on_trial(study, trial):
                 from search.study import complete_trials, finished
@@ -156,7 +159,15 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
                 scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
                 bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
-            study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test)
+            def on_batch(done, total):
+                # a second bar for a trial's eval, shown once an eval has run a couple of seconds
+                if done == 0:
+                    started[0] = time.perf_counter()
+                    bar.update(batches, completed=0, total=total)
+                    return
+                bar.update(batches, completed=done, visible=time.perf_counter() - started[0] > 2.0 and done < total)
+
+            study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test, on_batch=on_batch)
     summary, rows = write_outputs(study, cfg.out_dir)
     report = _write_report(study, cfg.out_dir / "report.html")
     if not quiet:

@@ -176,6 +176,7 @@ class Searcher:
     space: MergeSpace
     objectives: list[Objective]
     pruning: bool  # score in shards in a per-trial order and let the Wilcoxon pruner stop a trial
+    on_batch: Callable[[int, int], None] | None = None  # (batches done, of) during a trial's eval
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Searcher:
@@ -269,12 +270,14 @@ class Searcher:
         advice) instead of raising TrialPruned: it stays COMPLETE, so model-based samplers (GP
         sees only complete trials) learn where the bad region is, and it is marked by the user
         attr `seen` < 1, never selected, and shown as pruned on the leaderboard."""
+        tick = self._ticker(suite)
+        listen = {"on_batch": tick} if tick else {}
         if not self.pruning:
-            return suite.score(self.merger.model)
+            return suite.score(self.merger.model, **listen)
         order = random.Random(trial.number).sample(range(suite.n_shards), suite.n_shards)
         baseline = trial.user_attrs.get("label") is not None  # always scored fully
         seen, result = 0, None
-        for shard in suite.score_shards(self.merger.model, order):
+        for shard in suite.score_shards(self.merger.model, order, **listen):
             t0 = time.perf_counter()
             report_many(trial, {suite.example_index[k]: v for k, v in shard.examples.items()})
             seen += len(shard.examples)
@@ -286,6 +289,19 @@ class Searcher:
                 log.info("trial %d stopped after %d of %d examples", trial.number, seen, len(suite.example_keys))
                 break
         return result
+
+    def _ticker(self, suite: EvalSuite):
+        """The per-batch callback of one scoring, or None without a listener."""
+        if self.on_batch is None:
+            return None
+        done, total = [0], suite.n_batches
+        self.on_batch(0, total)
+
+        def tick():
+            done[0] += 1
+            self.on_batch(done[0], total)
+
+        return tick
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
         """Each source alone and the uniform average, unless already in the study."""
@@ -346,11 +362,13 @@ def check_search_split(cfg: RunConfig, search_on_test: bool = False) -> None:
 
 def run_search(
     cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-    *, search_on_test: bool = False,
+    *, search_on_test: bool = False, on_batch: Callable[[int, int], None] | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials."""
+    """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials.
+    on_batch(done, total): after every eval batch of a trial (a progress bar for long evals)."""
     check_search_split(cfg, search_on_test)
     searcher = Searcher.build(cfg)  # every input is checked before the study is created
+    searcher.on_batch = on_batch
     try:
         study = create_study(cfg, searcher.space, searcher.pruning)
         remaining = cfg.study.n_trials - len(finished(study))

@@ -140,3 +140,14 @@ def test_unknown_suite_lists_the_available_ones(tmp_path):
         load_suite(tmp_path)
     with pytest.raises(EvalError, match="has no split 'test'"):
         _suite(tmp_path).tasks[0].items("test")
+
+
+def test_on_batch_ticks_once_per_batch_and_changes_nothing(tmp_path):
+    tok = tiny_tokenizer()
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    suite = EvalSuite(_suite(tmp_path), tok, "dev", batch_size=2, shards=2)
+    ticks = []
+    with_bar = suite.score(model, on_batch=lambda: ticks.append(1))
+    assert len(ticks) == suite.n_batches >= 3  # 6 packed rows (5 choice items + 1 reference) in batches of 2
+    assert with_bar.tasks == suite.score(model).tasks
