@@ -70,9 +70,12 @@ def _storage_args(run_dir: str | None, storage: str | None, study_name: str | No
     if not study_name:
         import optuna
 
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        from search.storage import mask_url, open_storage
+
+        names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage, create=False))]
         if len(names) != 1:
-            raise MergeSearchError(f"{storage} holds {len(names)} studies ({', '.join(names)}): name one with --study-name")
+            raise MergeSearchError(f"{mask_url(storage)} holds {len(names)} studies ({', '.join(names) or 'none'}): "
+                                   "name one with --study-name")
         study_name = names[0]
     return load_existing_study(storage, study_name)
 

@@ -109,6 +109,10 @@ class StudySpec(_Model):
     n_trials: int = Field(default=30, ge=1)  # total finished trials wanted; resume runs the rest
     timeout: float | None = Field(default=None, gt=0)  # seconds for this invocation
     seed: int = 0
+    # RDB storages: a worker beats every heartbeat_interval s; a RUNNING trial silent for
+    # grace_period s is marked failed and its parameters re-queued once (a dead worker's trial)
+    heartbeat_interval: int = Field(default=30, ge=1)
+    grace_period: int = Field(default=120, ge=2)
 
 
 class RunConfig(_Model):

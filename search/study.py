@@ -31,7 +31,7 @@ from search.merger import DTYPES, InMemoryMerger, resolve_device
 from search.samplers import make_sampler, sampler_name
 from search.selection import complete_trials, select
 from search.space import MergeSpace
-from search.storage import report_many
+from search.storage import _file_path, mask_url, open_storage, report_many, storage_kind
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,8 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> optuna.Study:
     """Create or load the study named in `cfg` (resume = load), with its sampler and pruner."""
-    url = cfg.storage_url
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage: str | optuna.storages.BaseStorage = url
-    if url.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
-        # A worker that dies leaves its trial RUNNING; with heartbeats, the next worker marks it
-        # failed after the grace period and re-queues its parameters once.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
-                retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-            else:
-                retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **retry)
+    storage = open_storage(cfg.storage_url, create=True,
+                           heartbeat=(cfg.study.heartbeat_interval, cfg.study.grace_period))
     n_objectives = len(cfg.eval.objectives or [None])
 
     def sampler(n_existing: int) -> optuna.samplers.BaseSampler:
@@ -110,12 +98,14 @@ def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> op
 
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
+    """A study that must exist (read-only verbs: nothing is created when it does not)."""
+    opened = open_storage(storage, create=False)
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
         raise MergeSearchError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or '(none)'}"
+            f"no study {study_name!r} in {mask_url(storage)}; studies there: {', '.join(names) or '(none)'}"
         ) from None
 
 
@@ -123,10 +113,10 @@ def finished_count(cfg: RunConfig) -> int:
     """Finished trials already in the study of `cfg` (0 when there is no such study yet); reads
     the storage without creating anything."""
     url = cfg.storage_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if storage_kind(url) in ("sqlite", "journal") and not _file_path(url, storage_kind(url)).is_file():
         return 0
     try:
-        study = optuna.load_study(study_name=cfg.study_name, storage=url)
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(url, create=False))
     except KeyError:
         return 0
     return len(finished(study))
@@ -367,6 +357,7 @@ def run_search(
     """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials.
     on_batch(done, total): after every eval batch of a trial (a progress bar for long evals)."""
     check_search_split(cfg, search_on_test)
+    storage_kind(cfg.storage_url)  # a malformed URL fails before the sources are read
     searcher = Searcher.build(cfg)  # every input is checked before the study is created
     searcher.on_batch = on_batch
     try:
