@@ -21,3 +21,4 @@ EXAMPLES_ATTR = "example_keys"
 SELECT_ATTR = "select"
 BOOTSTRAP_ATTR = "bootstrap"
 SCORE = "score"  # the objective's name in a single-objective study
+SOURCES_ATTR = "sources"  # per model (and base): Checkpoint.fingerprint(), checked on resume

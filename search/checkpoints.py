@@ -72,6 +72,26 @@ class Checkpoint:
         self.tensors = tensors  # ordered as stored: shard by shard, by offset within a shard
         self._handles: dict[tuple[Path, str], object] = {}
 
+    def fingerprint(self) -> dict:
+        """What identifies these weights without hashing gigabytes: the resolved folder, and per
+        safetensors file its size and a sha256 of its header (every tensor's name, dtype, shape
+        and offsets) with the first and last 64 KiB of its data. A retrained or swapped
+        checkpoint at the same path changes it; reading it costs a few hundred KiB per file."""
+        import hashlib
+        import struct
+
+        files = {}
+        for file in sorted({info.file for info in self.tensors.values()}):
+            size = Path(file).stat().st_size
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                digest = hashlib.sha256(f.read(n))
+                digest.update(f.read(1 << 16))
+                f.seek(max(8 + n, size - (1 << 16)))
+                digest.update(f.read())
+            files[Path(file).name] = {"bytes": size, "sha256_header_and_ends": digest.hexdigest()}
+        return {"path": str(Path(self.path).resolve()), "files": files}
+
     def read(self, tensor_name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor `tensor_name`, read from disk onto `device`; the caller owns it (may modify it)."""
         info = self.tensors.get(tensor_name)

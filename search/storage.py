@@ -84,7 +84,7 @@ def open_storage(url: str, *, create: bool, heartbeat: tuple[int, int] | None = 
 
     heartbeat: (interval, grace period) in seconds for RDB storages: a worker that dies leaves its
     trial RUNNING; the next worker marks it failed after the grace period and re-queues its
-    parameters once. Journal files get the same through Optuna's journal heartbeat."""
+    parameters once. Journal files have no heartbeat: a dead process's trial stays RUNNING."""
     import warnings
 
     kind = storage_kind(url)

@@ -35,7 +35,7 @@ from search.storage import _file_path, mask_url, open_storage, report_many, stor
 
 log = logging.getLogger(__name__)
 
-from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
+from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, SOURCES_ATTR, TEST_ATTR
 
 SET_CONSTRAINT = hasattr(optuna.Trial, "set_constraint")  # optuna >= 5: constraints_func is deprecated
 PRUNE_MIN_EXAMPLES = 50  # `pruner: null` prunes when the search split has at least this many examples
@@ -323,6 +323,11 @@ class Searcher:
             study.set_user_attr(f"{TEST_ATTR}{number}", {"split": self.cfg.eval.test_split, "score": score,
                                                          "objectives": per})
 
+    def fingerprints(self) -> dict:
+        """model name (and `base`) -> its Checkpoint.fingerprint()."""
+        names = [m.name for m in self.cfg.models] + (["base"] if len(self.sources) > len(self.cfg.models) else [])
+        return {name: ck.fingerprint() for name, ck in zip(names, self.sources)}
+
     def close(self) -> None:
         for s in self.sources:
             s.close()
@@ -335,6 +340,20 @@ def _check_setup(study: optuna.Study, cfg: RunConfig, attr: str, now: dict, what
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         raise MergeSearchError(f"study {cfg.study_name!r} in {cfg.storage_url} {what} "
                                f"({', '.join(changed)} differ){why}: use another --study-name")
+
+
+def _check_sources(study: optuna.Study, cfg: RunConfig, now: dict) -> None:
+    """Refuse to resume a study whose sources changed on disk (same names, other weights)."""
+    before = study.user_attrs.get(SOURCES_ATTR)
+    if not before:
+        return
+    for name in now:
+        if name in before and before[name] != now[name]:
+            was, is_ = before[name], now[name]
+            what = ("moved from " + was["path"]) if was["path"] != is_["path"] else "its weight files changed"
+            raise MergeSearchError(f"study {cfg.study_name!r} in {mask_url(cfg.storage_url)} was run with other "
+                                   f"weights for model {name!r} ({is_['path']}: {what}): its trial scores would "
+                                   f"not hold; use another --study-name")
 
 
 def check_search_split(cfg: RunConfig, search_on_test: bool = False) -> None:
@@ -371,6 +390,8 @@ def run_search(
                      ", so its trial values would not compare")
         _check_setup(study, cfg, EXAMPLES_ATTR, searcher.example_keys(), "was scored on other examples",
                      ", so its per-example scores would not pair")
+        _check_sources(study, cfg, searcher.fingerprints())
+        study.set_user_attr(SOURCES_ATTR, searcher.fingerprints())
         study.set_user_attr(MERGE_ATTR, merge)
         study.set_user_attr(EVAL_ATTR, scoring)
         study.set_user_attr(EXAMPLES_ATTR, searcher.example_keys())

@@ -228,3 +228,33 @@ def test_the_leaderboard_says_which_metric_of_each_task_makes_the_score(setup, t
         f"error: study 'mixed' in sqlite:///{tmp_path / 'run' / 'study.db'} was scored with another eval setup "
         "(system differ), so its trial values would not compare: use another --study-name")
     assert len(optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials) == 4
+
+
+def test_resume_is_refused_when_a_source_changed_on_disk(setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config, paths, root = setup
+    models = tmp_path / "models"
+    shutil.copytree(paths[0].parent, models)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["models"] = [{"name": f"m{i}", "path": str(models / p.name)} for i, p in enumerate(paths)]
+    cfg["out"] = str(tmp_path / "run")
+    cfg["study"]["n_trials"] = 5
+    moved = tmp_path / "c.yaml"
+    moved.write_text(yaml.safe_dump(cfg))
+    assert CliRunner().invoke(main, ["run", str(moved)]).exit_code == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    fp = study.user_attrs["sources"]["m1"]
+    assert fp["path"] == str((models / paths[1].name).resolve()) and fp["files"]["model.safetensors"]["bytes"] > 0
+    # retrain m1 in place: same names, shapes and file size, other values
+    weights = models / paths[1].name / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    before = (tmp_path / "run" / "leaderboard.md").read_text()
+    out = CliRunner().invoke(main, ["run", str(moved), "--trials", "7"])
+    assert out.exit_code == 2
+    assert "was run with other weights for model 'm1'" in out.output and "its weight files changed" in out.output
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials) == 5
+    assert (tmp_path / "run" / "leaderboard.md").read_text() == before
