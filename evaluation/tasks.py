@@ -132,9 +132,16 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """A built-in suite by name, a suite folder / suite.yaml, one data file, or an lm-eval YAML."""
     path = Path(name_or_path)
     if path.is_dir() and not is_dataset_dir(path):
+        if not (path / "suite.yaml").is_file():
+            raise EvalError(f"{path}: a folder with no suite.yaml (and not a datasets folder)")
         path = path / "suite.yaml"
     if not path.exists():
         builtin = DATA_DIR / str(name_or_path) / "suite.yaml"
+        suffix = path.suffix.lower()
+        if not builtin.is_file() and (suffix in (".jsonl", ".json", ".csv", ".yaml", ".yml") or len(path.parts) > 1):
+            # a path, not a name: say which file is missing rather than list the built-in suites
+            what = "suite file" if suffix in (".yaml", ".yml") else "data file" if suffix else "suite folder"
+            raise EvalError(f"{name_or_path}: {what} not found")
         if not builtin.is_file():
             raise EvalError(
                 f"Unknown suite {str(name_or_path)!r}: not a built-in suite, a suite file or a data file. "

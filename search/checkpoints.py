@@ -335,7 +335,11 @@ def check_alignment(checkpoints: list[Checkpoint]) -> list[str]:
     """
     if len(checkpoints) < 2:
         return []
-    ref, problems = checkpoints[0], []
+    ref, problems, folders = checkpoints[0], [], {}
+    for ck in checkpoints:  # one folder under two names would be merged with itself
+        first = folders.setdefault(Path(ck.path).resolve(), ck)
+        if first is not ck:
+            problems.append(f"models {first.name!r} and {ck.name!r} are the same folder {Path(ck.path).resolve()}")
     tokenizers = [_load_tokenizer(ck) for ck in checkpoints]
     for ck, tok in zip(checkpoints, tokenizers):
         problems += _tokenizer_size_problems(ck, tok)
@@ -344,6 +348,25 @@ def check_alignment(checkpoints: list[Checkpoint]) -> list[str]:
         problems += _tokenizer_problems(ref, tokenizers[0], ck, tok)
         problems += _tensor_problems(ref, ck)
     return problems
+
+
+def check_finite_weights(ck: Checkpoint) -> None:
+    """Read every floating-point tensor of `ck`, one at a time, and raise CheckpointError naming
+    the file and the first tensor that holds NaN or inf (with a count of the others)."""
+    bad = []
+    try:
+        for name, info in ck.tensors.items():
+            if isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point:
+                n = int((~torch.isfinite(ck.read(name))).sum())
+                if n:
+                    bad.append((name, info.file, n, math.prod(info.shape)))
+    finally:
+        ck.close()
+    if bad:
+        name, file, n, total = bad[0]
+        more = f" ({len(bad) - 1} more tensors hold NaN/inf too)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{file}: tensor {name} holds {n} NaN/inf value{'s' if n > 1 else ''} "
+                              f"of {total}{more}")
 
 
 def assert_aligned(checkpoints: list[Checkpoint]) -> None:

@@ -25,18 +25,43 @@ from evaluation.errors import EvalError
 from search.errors import MergeSearchError
 
 USER_ERRORS = (MergeSearchError, EvalError)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: help, not an error
 console = Console(stderr=True)
 
 
+def _one_line(message: str) -> str:
+    """A multi-line message (an alignment report: a head line, then one problem per line) as one line."""
+    head, *rest = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
+    return f"{head}: {'; '.join(rest)}" if rest else head
+
+
 class _Group(click.Group):
-    """Turns user errors into one line and exit code 2; bugs keep their traceback."""
+    """Turns user errors, bad options included, into one line and exit code 2; bugs keep their traceback."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _NO_ARGS_IS_HELP:
+            raise
+        except click.UsageError as e:
+            self._usage_error(e)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
+        except _NO_ARGS_IS_HELP:
+            raise
+        except click.UsageError as e:  # a subcommand's options (click would print usage + hint + error)
+            self._usage_error(e)
+
+    @staticmethod
+    def _usage_error(e: click.UsageError):
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)
+        sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +144,11 @@ def _print_leaderboard(rows: list[dict], limit: int = 15, more: str = "leaderboa
 @click.option("--search-on-test", is_flag=True, help="Allow eval.search_split to be the held-out split (its "
               "test score is then no longer held out).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table: only the final sentence.")
-def run(config, trials, timeout, storage, study_name, out, device, search_on_test, quiet) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine sharing the study (one per visible GPU, or the CPU cores "
+                   "split between them); needs a journal:// or postgresql:// storage.")
+@click.option("--worker", "as_worker", is_flag=True, hidden=True, help="Run trials only (a worker of --workers).")
+def run(config, trials, timeout, storage, study_name, out, device, search_on_test, quiet, workers, as_worker) -> None:
     """Search merge weights for CONFIG (default: configs/demo.yaml) and write the run folder.
 
     Writes study.db, best.yaml (mergekit config), best.json, leaderboard.md,
@@ -140,6 +169,11 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
         if not demo_family_dir().is_dir():
             console.print(f"building the demo model family in {demo_family_dir()} (once, a few minutes)...")
         ensure_demo_family()
+    if as_worker:
+        run_search(cfg, search_on_test=search_on_test, rescore=False)
+        return
+    if workers > 1:
+        _run_workers(cfg, config, workers, search_on_test, device)
     have = finished_count(cfg)
     if have >= cfg.study.n_trials:
         click.echo(f"study {cfg.study_name!r} already has {have} finished trials of the {cfg.study.n_trials} wanted: "
@@ -148,29 +182,41 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
     elif quiet:
         study = run_search(cfg, search_on_test=search_on_test)
     else:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("best dev {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
-                      TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task(f"study {cfg.study_name}" + (f" (resumed at {have})" if have else ""),
-                                total=cfg.study.n_trials, completed=have, best="-")
-            batches = bar.add_task("  eval batches", total=1, visible=False, best="")
-            started = [0.0]
+        # the bar appears with the first trial's first batch: a bad source or suite fails before it
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("best dev {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
+                       TimeRemainingColumn(), console=console)
+        task = bar.add_task(f"study {cfg.study_name}" + (f" (resumed at {have})" if have else ""),
+                            total=cfg.study.n_trials, completed=have, best="-")
+        batches = bar.add_task("  eval batches", total=1, visible=False, best="")
+        started = [0.0, False]
 
-            def on_trial(study, trial):
-                from search.study import complete_trials, finished
+        def show():
+            if not started[1]:
+                bar.start()
+                started[1] = True
 
-                scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
-                bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
+        def on_trial(study, trial):
+            from search.study import complete_trials, finished
 
-            def on_batch(done, total):
-                # a second bar for a trial's eval, shown once an eval has run a couple of seconds
-                if done == 0:
-                    started[0] = time.perf_counter()
-                    bar.update(batches, completed=0, total=total)
-                    return
-                bar.update(batches, completed=done, visible=time.perf_counter() - started[0] > 2.0 and done < total)
+            show()
+            scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
+            bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
+        def on_batch(done, total):
+            # a second bar for a trial's eval, shown once an eval has run a couple of seconds
+            show()
+            if done == 0:
+                started[0] = time.perf_counter()
+                bar.update(batches, completed=0, total=total)
+                return
+            bar.update(batches, completed=done, visible=time.perf_counter() - started[0] > 2.0 and done < total)
+
+        try:
             study = run_search(cfg, on_trial=on_trial, search_on_test=search_on_test, on_batch=on_batch)
+        finally:
+            if started[1]:
+                bar.stop()
     summary, rows = write_outputs(study, cfg.out_dir)
     report = _write_report(study, cfg.out_dir / "report.html")
     if not quiet:
@@ -181,6 +227,61 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
         if report:
             click.echo(report)
     click.echo(f"{best_sentence(summary)}; outputs in {cfg.out_dir}/")
+
+
+def _run_workers(cfg, config: str | None, workers: int, search_on_test: bool, device: str | None) -> None:
+    """K `run --worker` processes on the study's storage, until it has its trials; Optuna's
+    storage hands out the trials. One GPU per worker where there are GPUs, else the cores split."""
+    import os
+    import subprocess
+
+    import torch
+
+    from search.storage import mask_url, storage_kind
+
+    if storage_kind(cfg.storage_url) == "sqlite":
+        raise MergeSearchError(f"--workers {workers} needs a storage several processes can share: pass "
+                               f"--storage journal:///{cfg.out_dir.resolve()}/study.log or postgresql+psycopg://..., "
+                               f"not {mask_url(cfg.storage_url)}")
+    gpus = torch.cuda.device_count() if (device or cfg.device) != "cpu" else 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    args = [sys.executable, "-m", "search.cli", "run", *([config] if config else []), "--worker",
+            "--storage", cfg.storage_url, "--study-name", cfg.study_name, "--trials", str(cfg.study.n_trials),
+            "--out", str(cfg.out_dir)]
+    if cfg.study.timeout:
+        args += ["--timeout", str(cfg.study.timeout)]
+    if device:
+        args += ["--device", device]
+    if search_on_test:
+        args.append("--search-on-test")
+    procs = []
+    for i in range(workers):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        procs.append(subprocess.Popen(args, env=env))
+    console.print(f"{workers} workers on {mask_url(cfg.storage_url)} "
+                  f"({'one GPU each' if gpus else f'{threads} CPU threads each'})")
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise MergeSearchError(f"{sum(c != 0 for c in codes)} of {workers} workers failed (exit codes {codes}); "
+                               "run the same command again to resume the study")
+
+
+def _check_finite(model, ck) -> None:
+    """A NaN or inf weight of a loaded model is an error naming the file and the tensor (no
+    scores are printed: the JSON is written once every model is scored)."""
+    import torch
+
+    bad = [(n, int((~torch.isfinite(p)).sum())) for n, p in model.state_dict().items()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        name, n = bad[0]
+        info = ck.tensors.get(name)
+        file = info.file if info else ck.path
+        more = f" ({len(bad) - 1} more tensors hold NaN/inf too)" if len(bad) > 1 else ""
+        raise MergeSearchError(f"{file}: tensor {name} holds {n} NaN/inf value{'s' if n > 1 else ''} "
+                               f"of {model.state_dict()[name].numel()}{more}")
 
 
 def _echo_wrapped(text: str) -> None:
@@ -207,12 +308,16 @@ def _write_report(study, path: Path) -> str:
 def check(config) -> None:
     """Check that the sources of CONFIG can be merged (names, shapes, dtypes, configs, tokenizers)."""
     from search.config import load_config
+
+    cfg = load_config(config)  # before the slow imports: a bad config fails at once
+    from search.checkpoints import check_finite_weights
     from search.study import open_sources
 
-    cfg = load_config(config)
     sources, base = open_sources(cfg)
     for s in sources + ([base] if base else []):
-        click.echo(f"ok  {s.name}: {s.path} ({len(s.tensors)} tensors)")
+        check_finite_weights(s)  # reads every tensor: a NaN in a source would poison every merge
+    for s in sources + ([base] if base else []):
+        click.echo(f"ok  {s.name}: {s.path} ({len(s.tensors)} tensors, all finite)")
     click.echo(f"{len(sources) + (base is not None)} models aligned")
 
 
@@ -228,6 +333,8 @@ def check(config) -> None:
               "(default: as each task and suite say; C-Eval data and lm-eval tasks without it).")
 def eval_(target, suite, split, device, batch_size, system, chat) -> None:
     """Score one model folder, or every source of a config, and print JSON (per task and total)."""
+    if batch_size < 1:
+        raise MergeSearchError(f"--batch-size must be at least 1 but got {batch_size}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -245,15 +352,19 @@ def eval_(target, suite, split, device, batch_size, system, chat) -> None:
     else:
         models = {Path(target).name: Path(target)}
         suite = suite or "demo"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars per model: noise around the JSON or an error
     dev = resolve_device(device)
+    checkpoints = {name: open_checkpoint(name, path) for name, path in models.items()}  # clear errors first
     results, evaluator = {}, None
     for name, path in models.items():
-        open_checkpoint(name, path).close()  # clear errors for non-safetensors folders
         tokenizer = AutoTokenizer.from_pretrained(path)
         if evaluator is None:
             evaluator = EvalSuite(load_suite(suite), tokenizer, split, batch_size=batch_size, device=dev,
                                   system=system, chat=chat)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+        _check_finite(model, checkpoints[name])  # in memory: no second read of the weights
         results[name] = evaluator.score(model).as_dict()
     primary = {t.name: t.primary_metric for t in evaluator.tasks}  # the metric each task adds to "score"
     click.echo(json.dumps({"suite": suite, "split": split, "primary_metric": primary, "models": results},
@@ -316,6 +427,8 @@ def export(run_dir, storage, study_name, trial, output) -> None:
 
     if trial != "best" and not trial.isdigit():
         raise MergeSearchError(f"--trial must be 'best' or a trial number but got {trial!r}")
+    if not Path(output).parent.is_dir():
+        raise MergeSearchError(f"-o {output}: {Path(output).parent}: no such folder")
     study = _storage_args(run_dir, storage, study_name)
     t = leaderboard_trial(study, trial if trial == "best" else int(trial))
     Path(output).write_text(to_yaml(trial_config(t)), encoding="utf-8")

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.errors import ConfigError
+from search.yamlfile import read_yaml
 
 # The demo config, used when `merge-search run` gets no argument.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -117,7 +117,7 @@ class StudySpec(_Model):
 
 class RunConfig(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec]
     merge: MergeSpec = MergeSpec()
     eval: EvalSpec = EvalSpec()
     study: StudySpec = StudySpec()
@@ -130,6 +130,8 @@ class RunConfig(_Model):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        if len(models) < 2:
+            raise ValueError(f"a merge needs at least 2 models but got {len(models)}")
         names = [m.name for m in models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -138,8 +140,6 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _enough_models(self) -> RunConfig:
-        if len(self.models) < 2:
-            raise ValueError(f"a merge needs at least 2 models but got {len(self.models)}")
         if self.merge.method == "slerp" and len(self.models) != 2:
             raise ValueError(f"slerp merges exactly 2 models but got {len(self.models)}")
         return self
@@ -164,45 +164,62 @@ def _field_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
+# The `merge-search run` options that set config fields: an error in such a field names the option.
+CLI_OPTIONS = {"study.n_trials": "--trials", "study.timeout": "--timeout", "study.storage": "--storage",
+               "study.study_name": "--study-name", "out": "--out", "device": "--device"}
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _describe(err: dict) -> str:
     where = _field_path(err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown key"
-    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return f"{where}: required field is missing"
-    return f"{where}: {msg} (got {err['input']!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # our own rules, which quote the value they refuse
+        return msg if not err["loc"] else f"{where}: {msg}"
+    return f"{where}: {msg} (got {_short(err['input'])})"
 
 
-def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
-    """Validate a config dict; any problem becomes one ConfigError naming `source` and the field."""
+def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None,
+                 overridden: dict[str, str] | None = None) -> RunConfig:
+    """Validate a config dict; any problem becomes one ConfigError naming `source` and the field.
+
+    overridden: field path -> where its value came from instead (a CLI option), for the message.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level but got {type(data).__name__}")
+    if "base_dir" in data:  # set from the file's location, never by the file
+        raise ConfigError(f"{source}: base_dir: unknown key")
     try:
-        return RunConfig(**data, base_dir=base_dir)
+        return RunConfig.model_validate({**data, "base_dir": base_dir})
     except ValidationError as e:
-        first = _describe(e.errors()[0])
+        err = e.errors()[0]
+        first = _describe(err)
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {first}{more}") from None
+        where = (overridden or {}).get(_field_path(err["loc"]), source)
+        raise ConfigError(f"{where}: {first}{more}") from None
 
 
 def load_config(path: str | Path | None = None, **overrides) -> RunConfig:
     """Read and validate a run config YAML (default: the demo config).
 
     `overrides` are dotted keys set after reading (``study.n_trials=5``, ``device="cpu"``), so
-    CLI options go through the same validation as the file.
+    CLI options go through the same validation as the file; an error in one names its option.
     """
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{line} not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path, ConfigError)
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level but got {type(data).__name__}")
+    overridden = {}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -211,6 +228,12 @@ def load_config(path: str | Path | None = None, **overrides) -> RunConfig:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{path}: {p}: expected a mapping but got {node!r}")
+                raise ConfigError(f"{path}: {p}: expected a mapping but got {_short(node)}")
         node[leaf] = value
-    return parse_config(data, str(path), base_dir=path.resolve().parent)
+        overridden[key] = CLI_OPTIONS.get(key, str(path))
+    cfg = parse_config(data, str(path), base_dir=path.resolve().parent, overridden=overridden)
+    blocker = next((p for p in (cfg.out_dir, *cfg.out_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # found now, not when the study store is created
+        where = overridden.get("out", str(path))
+        raise ConfigError(f"{where}: out: {cfg.out_dir} cannot be a run folder: {blocker} is a file")
+    return cfg

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from search.errors import MergeSearchError
 from search.methods import METHODS, PARAM_TYPES
+from search.yamlfile import read_yaml
 
 Scalar = bool | int | float | str
 LAYER_RE = re.compile(r"^(?P<head>(?:.*\.)?layers\.)(?P<index>\d+)(?P<tail>\..+)$")
@@ -242,12 +242,7 @@ def parse_merge_config(data: Any, source: str = "<config>") -> MergeConfig:
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a mergekit YAML file (see the module doc for what is supported)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise MergeSearchError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise MergeSearchError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, MergeSearchError)
     return parse_merge_config(data, str(path))
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -107,6 +109,77 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         raise MergeSearchError(
             f"no study {study_name!r} in {mask_url(storage)}; studies there: {', '.join(names) or '(none)'}"
         ) from None
+
+
+class SurplusTrial(Exception):
+    """A trial past the study's budget (another worker took the last slot first): it is failed
+    at once, unscored, with the user attr `surplus`, and this worker stops."""
+
+
+_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+
+def _check_budget(trial: optuna.Trial, n_trials: int) -> None:
+    """Workers share one study and `study.n_trials` counts its finished trials, whoever ran them:
+    the trials in the budget are the first n_trials by number among the finished and running
+    ones (numbers are handed out by the storage, so every worker agrees). A later one, or a
+    second copy of a baseline that two workers enqueued at once, is surplus."""
+    # a RUNNING trial without `worker` never reached the objective: just asked, or its worker died
+    others = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED) if t.number < trial.number
+              and (t.state != optuna.trial.TrialState.RUNNING or t.user_attrs.get("worker"))]
+    label = trial.user_attrs.get("label")
+    duplicate = label is not None and any(t.user_attrs.get("label") == label for t in others)
+    if len(others) >= n_trials or duplicate:
+        trial.set_user_attr("surplus", "duplicate baseline" if duplicate else "over the budget")
+        raise SurplusTrial(f"trial {trial.number} is surplus")
+
+
+def _stop_when_done(n_trials: int):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("surplus") == "over the budget":
+            study.stop()
+        elif len(finished(study)) >= n_trials:
+            study.stop()
+    return callback
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
+    """A trial left RUNNING by a process of this machine that no longer exists is failed, and its
+    candidate re-queued once. Journal files have no heartbeat, so this is how they recover; on
+    RDB storages it also catches a worker that died before its trial's first heartbeat (Optuna
+    never marks such a trial stale) and one that died less than the grace period ago. Returns
+    the numbers of the trials recovered. A dead worker of another machine cannot be told from a
+    slow one here: across machines, RDB heartbeats do it. A trial that never reached the
+    objective (no `worker` attr) is dead once it is older than the grace period."""
+    import datetime
+
+    host, out = socket.gethostname(), []
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker")
+        if not w:
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() <= grace_period:
+                continue
+        elif w.get("host") != host or w.get("pid") == os.getpid() or _alive(int(w["pid"])):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if not t.user_attrs.get("retried_from") and not t.user_attrs.get("surplus"):
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("label",)} | {"retried_from": t.number}
+            study.enqueue_trial(t.params, user_attrs=attrs, skip_if_exists=False)
+        out.append(t.number)
+    if out:
+        log.warning("trials %s were left running by a worker that died: failed, their candidates re-queued", out)
+    return out
 
 
 def finished_count(cfg: RunConfig) -> int:
@@ -223,6 +296,8 @@ class Searcher:
         return keys
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
+        _check_budget(trial, self.cfg.study.n_trials)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         values = self.space.suggest(trial)
         config = self.space.to_config(values)
         t0 = time.perf_counter()
@@ -369,12 +444,18 @@ def check_search_split(cfg: RunConfig, search_on_test: bool = False) -> None:
                 f"search another split, or pass --search-on-test to do it anyway")
 
 
+def _quiet_surplus(record) -> bool:
+    """Optuna logs a caught exception as a failed trial; a surplus trial is no failure."""
+    return "is surplus" not in record.getMessage() and "SurplusTrial" not in record.getMessage()
+
+
 def run_search(
     cfg: RunConfig, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-    *, search_on_test: bool = False, on_batch: Callable[[int, int], None] | None = None,
+    *, search_on_test: bool = False, on_batch: Callable[[int, int], None] | None = None, rescore: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the study of `cfg` until it has `study.n_trials` finished trials.
-    on_batch(done, total): after every eval batch of a trial (a progress bar for long evals)."""
+    on_batch(done, total): after every eval batch of a trial (a progress bar for long evals).
+    rescore=False: a worker of `run --workers`, which leaves the held-out re-scores to the parent."""
     check_search_split(cfg, search_on_test)
     storage_kind(cfg.storage_url)  # a malformed URL fails before the sources are read
     searcher = Searcher.build(cfg)  # every input is checked before the study is created
@@ -401,11 +482,16 @@ def run_search(
         if remaining > 0:
             log.info("study %r: %d finished trials, running %d more with %s", cfg.study_name,
                      cfg.study.n_trials - remaining, remaining, sampler_name(study.sampler))
-            callbacks = [on_trial] if on_trial else []
-            study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks)
+            # journal: the only way; RDB: also a death before the first heartbeat
+            recover_dead_trials(study, cfg.study.grace_period)
+            callbacks = [_stop_when_done(cfg.study.n_trials)] + ([on_trial] if on_trial else [])
+            optuna.logging.get_logger("optuna.study._optimize").addFilter(_quiet_surplus)
+            study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks,
+                           catch=(SurplusTrial,))
         else:
             log.info("study %r already has %d finished trials: nothing to run", cfg.study_name, len(finished(study)))
-        searcher.rescore_test(study)
+        if rescore:
+            searcher.rescore_test(study)
     finally:
         searcher.close()
     return study

@@ -130,6 +130,9 @@ def _check_out(out: Path, paths: dict[str, Path], config_path: Path, force: bool
         raise MergeSearchError(f"output {out} contains the config file {config_path}; choose another -o")
     if out.exists() and not out.is_dir():
         raise MergeSearchError(f"output {out} exists and is not a folder")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise MergeSearchError(f"output {out}: {blocker} is a file, not a folder; choose another -o")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise MergeSearchError(f"output {out} exists and is not empty; pass --force to replace it")
 

@@ -242,7 +242,7 @@ def test_load_merge_config_reports_file_problems(tmp_path):
         load_merge_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: [linear\n")
-    with pytest.raises(MergeSearchError, match=r"bad.yaml: not valid YAML"):
+    with pytest.raises(MergeSearchError, match=r"bad.yaml: line \d+ not valid YAML"):
         load_merge_config(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(MergeSearchError, match=r"bad.yaml: expected a mapping"):
