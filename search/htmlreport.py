@@ -71,8 +71,10 @@ def _plotly():
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if "dev_score" in t.user_attrs]
+    """Finished trials that were scored (a surplus or failed trial has no dev score)."""
+    from search.study import finished
+
+    return [t for t in finished(study) if "dev_score" in t.user_attrs]
 
 
 def _name(t: optuna.trial.FrozenTrial) -> str:

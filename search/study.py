@@ -471,8 +471,9 @@ def run_search(
                      ", so its trial values would not compare")
         _check_setup(study, cfg, EXAMPLES_ATTR, searcher.example_keys(), "was scored on other examples",
                      ", so its per-example scores would not pair")
-        _check_sources(study, cfg, searcher.fingerprints())
-        study.set_user_attr(SOURCES_ATTR, searcher.fingerprints())
+        fingerprints = searcher.fingerprints()  # a few hundred KiB read per source file
+        _check_sources(study, cfg, fingerprints)
+        study.set_user_attr(SOURCES_ATTR, fingerprints)
         study.set_user_attr(MERGE_ATTR, merge)
         study.set_user_attr(EVAL_ATTR, scoring)
         study.set_user_attr(EXAMPLES_ATTR, searcher.example_keys())

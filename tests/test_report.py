@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from search.cli import main
-from search.htmlreport import build_report, derived_weights, render_html
+from search.htmlreport import build_report, derived_weights
 from search.report import leaderboard_rows, selected_trial
 from search.selection import complete_trials
 from search.study import load_existing_study

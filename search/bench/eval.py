@@ -154,7 +154,7 @@ def bench_suite(*, suite: str = "zh-instruct-lite", split: str = "dev", models: 
             config.max_position_embeddings = 4096
             model = LlamaForCausalLM(config).to(device).eval()
         params = sum(p.numel() for p in model.parameters())
-        times, _ = _timed_side_by_side([lambda s=s: s.score(model) for s in (*suites.values(), whole)], repeats)
+        times, _ = _timed_side_by_side([lambda s=s, m=model: s.score(m) for s in (*suites.values(), whole)], repeats)
         per_kind = dict(zip(kinds, times[:-1]))
         total = sum(per_kind.values())
         out["models"][name] = {
