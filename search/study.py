@@ -119,19 +119,34 @@ class SurplusTrial(Exception):
 _COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
-def _check_budget(trial: optuna.Trial, n_trials: int) -> None:
+def _check_budget(trial: optuna.Trial, n_trials: int, grace_period: float) -> None:
     """Workers share one study and `study.n_trials` counts its finished trials, whoever ran them:
     the trials in the budget are the first n_trials by number among the finished and running
-    ones (numbers are handed out by the storage, so every worker agrees). A later one, or a
-    second copy of a baseline that two workers enqueued at once, is surplus."""
-    # a RUNNING trial without `worker` never reached the objective: just asked, or its worker died
-    others = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED) if t.number < trial.number
-              and (t.state != optuna.trial.TrialState.RUNNING or t.user_attrs.get("worker"))]
+    ones (numbers are handed out by the storage, so every worker agrees), running ones that are
+    known dead left out. A later one, or a second copy of a baseline that two workers enqueued
+    at once, is surplus. A running trial that has not reached its objective yet (no `worker`:
+    its sampler is still proposing) counts until it is older than the grace period."""
+    import datetime
+
+    now, host = datetime.datetime.now(), socket.gethostname()
+    others = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED)
+              if t.number < trial.number and not _dead(t, now, host, grace_period)]
     label = trial.user_attrs.get("label")
     duplicate = label is not None and any(t.user_attrs.get("label") == label for t in others)
     if len(others) >= n_trials or duplicate:
         trial.set_user_attr("surplus", "duplicate baseline" if duplicate else "over the budget")
         raise SurplusTrial(f"trial {trial.number} is surplus")
+
+
+def _dead(t: optuna.trial.FrozenTrial, now, host: str, grace_period: float) -> bool:
+    """A RUNNING trial whose process is gone: a local worker pid that no longer exists, or no
+    worker recorded and older than the grace period. Other states are never dead."""
+    if t.state != optuna.trial.TrialState.RUNNING:
+        return False
+    w = t.user_attrs.get("worker")
+    if not w:
+        return t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_period
+    return w.get("host") == host and w.get("pid") != os.getpid() and not _alive(int(w["pid"]))
 
 
 def _stop_when_done(n_trials: int):
@@ -166,11 +181,7 @@ def recover_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
     host, out = socket.gethostname(), []
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        w = t.user_attrs.get("worker")
-        if not w:
-            if t.datetime_start is None or (now - t.datetime_start).total_seconds() <= grace_period:
-                continue
-        elif w.get("host") != host or w.get("pid") == os.getpid() or _alive(int(w["pid"])):
+        if not _dead(t, now, host, grace_period):
             continue
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         if not t.user_attrs.get("retried_from") and not t.user_attrs.get("surplus"):
@@ -296,8 +307,8 @@ class Searcher:
         return keys
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
-        _check_budget(trial, self.cfg.study.n_trials)
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        _check_budget(trial, self.cfg.study.n_trials, self.cfg.study.grace_period)
         values = self.space.suggest(trial)
         config = self.space.to_config(values)
         t0 = time.perf_counter()

@@ -8,7 +8,9 @@ One output tensor at a time: read its inputs from the sources (never whole model
 safetensors shard it belongs to (the layout is planned up front, so nothing is buffered), then
 the next. Everything goes to a hidden temporary folder beside OUT, which is verified (every
 tensor present with the planned shape and dtype, all finite, `from_pretrained` finds every
-weight) and then renamed to OUT; a failed or interrupted merge removes it, so no OUT appears.
+weight) and then renamed to OUT; a failed or interrupted merge removes it, so no OUT appears
+(a disk that fills up is one line naming OUT). A merge killed outright (SIGKILL, power) leaves
+only that hidden folder, `.OUT.merge-tmp-PID`, which the next merge into OUT removes.
 
 Rules: OUT may not be, contain or lie inside a source folder; an existing non-empty OUT is
 replaced only with force=True (after the new folder is complete). Relative model paths are
@@ -20,6 +22,8 @@ else the same model. Output dtype: out_dtype, else dtype, else the sources' dtyp
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -76,6 +80,8 @@ def merge_to_folder(config_path: str | Path, out: str | Path, *, shard_size: int
     cfg = load_merge_config(config_path)
     shard_bytes = parse_size(shard_size)
     paths = {ref: resolve_model_path(ref) for ref in _referenced(cfg)}
+    if out.parent.is_dir():
+        _clear_leftovers(out)
     _check_out(out, paths, config_path, force)
     sources = {ref: open_checkpoint(ref, path) for ref, path in paths.items()}
     try:
@@ -83,8 +89,8 @@ def merge_to_folder(config_path: str | Path, out: str | Path, *, shard_size: int
         donor = sources[cfg.base_model or _first_model(cfg)]
         plan = _plan(cfg, donor, sources)
         tmp = out.parent / f".{out.name}.merge-tmp-{os.getpid()}"
+        made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # parents this merge creates
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             files = _write_shards(tmp, plan, sources, cfg, shard_bytes, torch.device(device), seed)
@@ -95,8 +101,15 @@ def merge_to_folder(config_path: str | Path, out: str | Path, *, shard_size: int
             manifest = _manifest(cfg, config_path, text, paths, files, plan, shard_bytes, device, seed)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             _replace(tmp, out)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            for p in made:  # innermost first
+                _rmdir_quietly(p)
+            if isinstance(e, OSError):
+                total = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+                why = (f"no space left on the device ({_gb(total)} of tensors to write)" if e.errno == errno.ENOSPC
+                       else e.strerror or str(e))
+                raise MergeSearchError(f"output {out}: writing failed: {why}; nothing was written") from None
             raise
     finally:
         for ck in sources.values():
@@ -348,6 +361,43 @@ def _manifest(cfg: MergeConfig, config_path: Path, text: str | None, paths: dict
         "tensors": len(plan),
         "files": {name: {"sha256": files[name]} for name in sorted(files)},
     }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _clear_leftovers(out: Path) -> None:
+    """What a merge into `out` killed on this machine left beside it: its temporary folder (never
+    complete: removed), or, killed between the two renames of --force, the previous OUT (put
+    back where OUT is missing, else removed). Folders of live merges are left alone."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.merge-*-*")):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.merge-(tmp|old)-(\d+)", path.name)
+        if not m or not path.is_dir() or _pid_alive(int(m[2])):
+            continue
+        if m[1] == "old" and not out.exists():
+            os.rename(path, out)
+            logger.warning("put back %s, which a merge killed while replacing it had moved to %s", out, path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s, left by a merge into %s that was killed (pid %s)", path, out, m[2])
 
 
 def _replace(tmp: Path, out: Path) -> None:

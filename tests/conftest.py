@@ -17,3 +17,36 @@ def demo_family() -> dict[str, Path]:
     from search.demo import ensure_demo_family
 
     return ensure_demo_family()
+
+
+@pytest.fixture
+def postgres():
+    """Makes fresh, empty PostgreSQL databases on the server that $MERGE_SEARCH_TEST_POSTGRES
+    names (a `postgresql+psycopg://` URL of a database whose user may create databases), and
+    drops them after the test: `postgres()` -> the new database's URL. `.ci/run` starts a
+    throwaway server and sets the variable; elsewhere the tests that need it skip, and under CI
+    they fail instead."""
+    import os
+    import uuid
+
+    server = os.environ.get("MERGE_SEARCH_TEST_POSTGRES")
+    if not server:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs a PostgreSQL server: .ci/run starts one and sets MERGE_SEARCH_TEST_POSTGRES")
+        pytest.skip("no PostgreSQL server: set MERGE_SEARCH_TEST_POSTGRES (as .ci/run does)")
+    psycopg = pytest.importorskip("psycopg")
+    base = server.rpartition("/")[0]
+    conninfo = server.replace("postgresql+psycopg://", "postgresql://", 1)
+    made = []
+
+    def make() -> str:
+        name = f"ms_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
+
+    yield make
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as db:
+        for name in made:
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -140,3 +140,35 @@ def test_a_sigkilled_worker_loses_only_its_trial_which_is_retried(tmp_path, fami
                or t.system_attrs.get("failed_trial") == killed]
     assert len(retried) == 1 and all(retried[0].params[k] == v for k, v in dead.items())
     assert (tmp_path / "run" / "leaderboard.md").is_file()
+
+
+def test_three_workers_on_postgresql_finish_exactly_the_trials_asked(tmp_path, family, postgres):
+    postgres_url = postgres()
+    done = _cli("run", str(_config(tmp_path, family, heartbeat_interval=1, grace_period=5)),
+                "--storage", postgres_url, "--workers", "3", "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = _study(postgres_url)
+    finished = [t for t in study.trials if t.state in (TS.COMPLETE, TS.PRUNED)]
+    assert len(finished) == 10
+    assert sorted(t.user_attrs["label"] for t in finished if t.user_attrs.get("label")) == ["m0", "m1", "m2", "uniform"]
+    assert len({(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in study.trials}) >= 1
+    others = [t for t in study.trials if t.state not in (TS.COMPLETE, TS.PRUNED)]
+    assert all(t.state == TS.FAIL and t.user_attrs.get("surplus") for t in others)
+    assert all(f"test/{t.number}" in study.user_attrs for t in finished if t.user_attrs.get("label"))
+    assert "postgresql+psycopg://ms@" in done.stderr and (tmp_path / "run" / "best.yaml").is_file()
+
+
+def test_a_sigkilled_worker_on_postgresql_loses_only_its_trial(tmp_path, family, postgres):
+    config = _config(tmp_path, family, n_trials=12, heartbeat_interval=1, grace_period=2)
+    url, kept = _kill_mid_trial(config, (postgres() for _ in range(10)))
+    killed = _study(url).trials[-1].number
+    time.sleep(3)
+    again = _cli("run", str(config), "--storage", url, "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(url)
+    finished = [t for t in study.trials if t.state in (TS.COMPLETE, TS.PRUNED)]
+    assert len(finished) == 12 and kept <= {t.number for t in finished}
+    assert study.trials[killed].state == TS.FAIL
+    retried = [t for t in finished if t.user_attrs.get("retried_from") == killed
+               or t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1

@@ -214,3 +214,100 @@ def test_cli_refuses_output_over_a_source_and_merges(fam, tmp_path):
     result = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "out"), "--shard-size", "10KB"])
     assert result.exit_code == 0, result.output
     assert "merged 21 tensors" in result.stdout and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_a_sigkilled_merge_leaves_no_output_and_the_next_merge_clears_its_folder(fam, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_cfg(tmp_path / "c.yaml", fam)
+    out = tmp_path / "out"
+    for _ in range(5):  # a kill that lands after the rename is tried again
+        proc = subprocess.Popen([sys.executable, "-m", "search.cli", "merge", str(cfg), "-o", str(out),
+                                 "--shard-size", "20KB"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and not leftovers(tmp_path):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if leftovers(tmp_path) and not out.exists():
+            break
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.fail("could not kill the merge while it was writing")
+    assert leftovers(tmp_path) == [f".out.merge-tmp-{proc.pid}"] and not out.exists()
+    again = subprocess.run([sys.executable, "-m", "search.cli", "merge", str(cfg), "-o", str(out)],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="400"))
+    assert again.returncode == 0, again.stderr
+    assert f"removed {tmp_path}/.out.merge-tmp-{proc.pid}, left by a merge into {out} that was killed" in again.stderr
+    assert leftovers(tmp_path) == [] and (out / MANIFEST).is_file()
+
+
+def test_a_live_merges_folder_is_left_alone(fam, tmp_path):
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "60"])  # a live process: its merge may still be writing
+    try:
+        busy = tmp_path / f".out.merge-tmp-{other.pid}"
+        busy.mkdir()
+        merge_to_folder(write_cfg(tmp_path / "c.yaml", fam), tmp_path / "out")
+        assert busy.is_dir() and (tmp_path / "out" / MANIFEST).is_file()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(fam, tmp_path, monkeypatch):
+    """An OSError(ENOSPC) injected where the writer writes its shards (the boundary to the disk)."""
+    import errno
+
+    import search.writer
+    from search.cli import main
+
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kw):
+        if "w" in mode and str(path).endswith(".safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(search.writer, "open", full_disk_open, raising=False)
+    out = tmp_path / "new" / "deeper" / "out"
+    result = CliRunner().invoke(main, ["merge", str(write_cfg(tmp_path / "c.yaml", fam)), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"error: output {out}: writing failed: no space left on the device (")
+    assert lines[0].endswith("MB of tensors to write); nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # not even the parents it made
+
+
+def _size_limited_folder(path: Path, size: str):
+    import subprocess
+
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({done.stderr.decode().strip()[:80]}); "
+                    "the injected ENOSPC test covers the writer")
+    return path
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_no_output(fam, tmp_path):
+    import subprocess
+    import sys
+
+    small = _size_limited_folder(tmp_path / "small", "12k")  # the tiny merge writes ~50 KB
+    try:
+        done = subprocess.run([sys.executable, "-m", "search.cli", "merge", str(write_cfg(tmp_path / "c.yaml", fam)),
+                               "-o", str(small / "out")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no space left on the device" in lines[0], done.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
