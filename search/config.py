@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.errors import ConfigError
+from search.methods import METHODS
 from search.yamlfile import read_yaml
 
 # The demo config, used when `merge-search run` gets no argument.
@@ -30,8 +31,7 @@ class ModelSpec(_Model):
     path: str = Field(min_length=1)  # local folder, hub id already cached, or demo:<name>
 
 
-Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
-_NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+Method = Literal[tuple(METHODS)]  # the registry's names, in its order (search/methods/__init__.py)
 
 
 class MergeSpec(_Model):
@@ -46,7 +46,7 @@ class MergeSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
-        if self.method in _NEEDS_BASE and not self.base_model:
+        if METHODS[self.method].base_row and not self.base_model:
             raise ValueError(f"method {self.method} needs base_model (the model the variants were fine-tuned from)")
         lo, hi = self.density_range
         if not 0 < lo <= hi <= 1:
@@ -140,8 +140,12 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _enough_models(self) -> RunConfig:
-        if self.merge.method == "slerp" and len(self.models) != 2:
-            raise ValueError(f"slerp merges exactly 2 models but got {len(self.models)}")
+        spec = METHODS[self.merge.method]
+        n = len(self.models) + (1 if spec.base_row else 0)  # the method's count includes its base
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            lo, hi = spec.min_models - spec.base_row, None if spec.max_models is None else spec.max_models - spec.base_row
+            want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"{spec.name} merges {want} models but got {len(self.models)}")
         return self
 
     @property

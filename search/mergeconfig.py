@@ -36,12 +36,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from search.errors import MergeSearchError
+from search.methods import DTYPES as METHOD_DTYPES
 from search.methods import METHODS, PARAM_TYPES
 from search.yamlfile import read_yaml
 
 Scalar = bool | int | float | str
 LAYER_RE = re.compile(r"^(?P<head>(?:.*\.)?layers\.)(?P<index>\d+)(?P<tail>\..+)$")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(METHOD_DTYPES)  # the one dtype table: search.methods.DTYPES
 _ADAPTERS = {name: TypeAdapter(kind) for name, kind in PARAM_TYPES.items()}
 
 
@@ -402,7 +403,7 @@ def resolve(config: MergeConfig, tensor_name: str, num_layers: int) -> TensorRec
     shared_scopes = (group.parameters, config.parameters)
     shared = {name: _lookup(name, shared_scopes, tensor_name, t, default, config.merge_method,
                             f"tensor {tensor_name}")
-              for name, default in spec.shared_params.items()}
+              for name, default in ((k, p.default) for k, p in spec.shared_params.items())}
     params = []
     for i, (src, name_in) in enumerate(zip(group.sources, inputs)):
         if i == base:
@@ -411,7 +412,7 @@ def resolve(config: MergeConfig, tensor_name: str, num_layers: int) -> TensorRec
         scopes = (*[s.parameters for s in group.sources if s.model == src.model], *shared_scopes)
         params.append({name: _lookup(name, scopes, name_in, t, default, config.merge_method,
                                      f"model {src.model}, tensor {name_in}")
-                       for name, default in spec.model_params.items()})
+                       for name, default in ((k, p.default) for k, p in spec.model_params.items())})
     recipe = TensorRecipe(tensor_name, config.merge_method, models, inputs, base, tuple(params), shared)
     check_recipe(recipe)
     return recipe

@@ -6,15 +6,17 @@ the meta device and its parameters are then replaced by views into one flat `[P]
 so a merge writes the next candidate in place: no allocation proportional to the model, no disk.
 
 `apply(config)` takes a mergekit configuration (`search.mergeconfig`), resolves every tensor's
-recipe exactly as `merge-search merge` does, and then:
-- linear / task_arithmetic: consecutive tensors with the same recipe form one flat run, merged by
-  one kernel over the run with the same op order as `search.methods` (so the same bits). The
-  kernel is `torch.compile`d for large models (checked bit for bit against `search.methods` on a
-  probe first, else eager); eager works in bounded chunks.
-- ties: per tensor, one kernel (compiled like the others) over the task vectors, trimmed by
-  magnitude ranks that depend only on the task vectors and so are computed once and cached
-  (4 bytes per element and model); with `rescale`, through `search.methods`.
-- dare_* / slerp: per tensor, through `search.methods.merge_tensor`.
+recipe exactly as `merge-search merge` does, and then, as the method's spec says
+(`search.methods`, its `kernel` and `precompute`):
+- an elementwise kernel (linear, task_arithmetic): consecutive tensors with the same recipe form
+  one flat run, merged by one kernel call over the run with the op order of the method's tensor
+  function (so the same bits). Kernels are `torch.compile`d for large models (checked bit for
+  bit against the eager kernel on the spec's probe first, else eager); eager works in bounded
+  chunks.
+- a per-tensor kernel (ties): one call per tensor, over the cached work of `precompute` (TIES'
+  magnitude ranks, which depend only on the task vectors: 4 bytes per element and model, at
+  first use); where the kernel does not apply (ties with `rescale`), the tensor function.
+- no kernel (dare_*, slerp): per tensor, through `search.methods.merge_tensor`.
 
 When the rows do not fit the device budget, they stay in (pinned) host memory and each run is
 streamed through a device staging buffer in chunks; still no disk.
@@ -36,12 +38,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from search.checkpoints import Checkpoint, model_layer_count
 from search.errors import CheckpointError, MergeSearchError
 from search.mergeconfig import MergeConfig, TensorRecipe, parse_merge_config, resolve
-from search.methods import NORMALIZE_EPS, check_recipe, magnitude_rank, merge_tensor, topk_count
+from search.methods import DTYPES, METHODS, FlatInputs, members, merge_tensor
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FUSED = ("linear", "task_arithmetic")
 CHUNK = 1 << 22  # elements per eager step / per staging copy
 COMPILE_MIN_PARAMS = 20_000_000  # below this, eager is fast enough and compiling costs seconds
 
@@ -67,75 +67,6 @@ class Segment:
     offset: int  # start in the flat buffer
     shape: tuple[int, ...]
     numel: int
-
-
-# --- fused kernels: the op order of search.methods, over flat runs ---------------------------
-
-def _linear_kernel(xs: tuple[torch.Tensor, ...], w: torch.Tensor, divisor: torch.Tensor | None,
-                   out: torch.Tensor) -> None:
-    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    for i in range(len(xs)):
-        acc.addcmul_(xs[i], w[i])
-    if divisor is not None:
-        acc.div_(divisor)
-    out.copy_(acc)
-
-
-def _task_arithmetic_kernel(xs: tuple[torch.Tensor, ...], base: torch.Tensor, w: torch.Tensor,
-                            divisor: torch.Tensor | None, lam: float, out: torch.Tensor) -> None:
-    b = base.float()
-    mixed = (xs[0].float() - b) * w[0]
-    for i in range(1, len(xs)):
-        mixed = mixed + (xs[i].float() - b) * w[i]
-    if divisor is not None:
-        mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam
-    out.copy_(b + mixed)
-
-
-def _ties_kernel(xs: tuple[torch.Tensor, ...], base: torch.Tensor, ranks: tuple[torch.Tensor | None, ...],
-                 ks: tuple[int, ...], w: torch.Tensor, normalize: bool, lam: float, out: torch.Tensor) -> None:
-    """TIES (no rescale) on one tensor, flat: trim by cached rank, elect signs, disjoint mean."""
-    b = base.float()
-    ds = []
-    for i in range(len(xs)):
-        d = xs[i].float() - b
-        if ranks[i] is not None:
-            d = d * (ranks[i] < ks[i])
-        ds.append(d * w[i])
-    total = ds[0]
-    for d in ds[1:]:
-        total = total + d
-    majority = (total >= 0).to(torch.float32) * 2 - 1
-    mixed, divisor = None, None
-    for i in range(len(ds)):
-        agree = ds[i].sign() == majority
-        term, share = ds[i] * agree, w[i] * agree
-        mixed = term if mixed is None else mixed + term
-        divisor = share if divisor is None else divisor + share
-    if normalize:
-        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    if lam != 1:
-        mixed = mixed * lam
-    out.copy_(b + mixed)
-
-
-def _divisor(w: torch.Tensor, method: str) -> torch.Tensor:
-    """The normalizing sum, computed eagerly as search.methods does (a compiled reduction may
-    round it differently, and one ulp here changes every element)."""
-    if method == "linear":
-        return w.reshape(1, -1).sum(dim=1)
-    divisor = w.sum(dim=0, keepdim=True)
-    divisor[divisor.abs() < NORMALIZE_EPS] = 1
-    return divisor
-
-
-# linear's reference uses fused multiply-adds, so its compiled form must contract a + b*c too;
-# task arithmetic's reference rounds every product, so its compiled form must not.
-_COMPILE_OPTIONS = {"linear": {"cpp.enable_floating_point_contract_flag": "fast"}, "task_arithmetic": {},
-                    "ties": {}}
-_KERNELS = {"linear": _linear_kernel, "task_arithmetic": _task_arithmetic_kernel, "ties": _ties_kernel}
 
 
 class InMemoryMerger:
@@ -177,7 +108,7 @@ class InMemoryMerger:
             log.info("sources exceed the device budget: streaming from host memory")
         self._compile = self.numel >= COMPILE_MIN_PARAMS if compile is None else compile
         self._kernels: dict[str, object] = {}
-        self._ranks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}  # MethodSpec.precompute results
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -248,8 +179,9 @@ class InMemoryMerger:
         while i < len(recipes):
             rec = recipes[i]
             rows = tuple(self.keys[model_key(ref)] for ref in rec.models)
+            kernel = METHODS[rec.method].kernel
             j = i + 1
-            if rec.method in FUSED:
+            if kernel is not None and kernel.runs:  # elementwise: one call over the run of equal recipes
                 key = _run_key(rec)
                 while j < len(recipes) and _run_key(recipes[j]) == key:
                     j += 1
@@ -272,26 +204,21 @@ class InMemoryMerger:
 
     def _kernel(self, method: str):
         if method not in self._kernels:
-            fn = _KERNELS[method]
-            self._kernels[method] = self._compiled(method, fn) if self._compile else fn
+            fn = METHODS[method].kernel.fn
+            self._kernels[method] = self._compiled(method) if self._compile else fn
         return self._kernels[method]
 
-    def _compiled(self, method: str, fn):
-        """torch.compile(fn), if it gives the eager bits on a probe; else fn (logged)."""
+    def _compiled(self, method: str):
+        """torch.compile of the method's kernel, if it gives the eager bits on its probe; else
+        the eager kernel (logged)."""
+        kernel = METHODS[method].kernel
         try:
-            compiled = torch.compile(fn, dynamic=True, options=_COMPILE_OPTIONS[method])
+            compiled = torch.compile(kernel.fn, dynamic=True, options=dict(kernel.compile_options))
             g = torch.Generator(device="cpu").manual_seed(0)
             xs = tuple(torch.randn(100_003, generator=g).to(self.device, self.dtype) for _ in range(3))
-            w = torch.tensor([0.31, 0.27, 0.55], device=self.device)
-            if method == "linear":
-                args = (xs, w, _divisor(w, method))
-            elif method == "task_arithmetic":
-                args = (xs[1:], xs[0], w[:2], _divisor(w[:2], method), 0.7)
-            else:
-                rank = magnitude_rank(xs[1].float() - xs[0].float())
-                args = (xs[1:], xs[0], (rank, None), (40_000, 0), w[:2], True, 0.7)
+            args = kernel.probe(xs, self.device)
             want, got = torch.empty_like(xs[0]), torch.empty_like(xs[0])
-            fn(*args, want)
+            kernel.fn(*args, want)
             compiled(*args, got)
             if torch.equal(want, got):
                 return compiled
@@ -299,52 +226,52 @@ class InMemoryMerger:
                         method, 100 * (want != got).float().mean().item())
         except Exception as e:  # no compiler, unsupported device: eager is always correct
             log.warning("torch.compile unavailable for the %s kernel (%s): using eager", method, e)
-        return fn
+        return kernel.fn
+
+    def _flat(self, rec: TensorRecipe, flat: tuple[torch.Tensor, ...], numel: int, cache=None) -> FlatInputs:
+        spec = METHODS[rec.method]
+        idx = members(spec, rec)
+        weights = (torch.tensor([float(rec.params[k]["weight"]) for k in idx], dtype=torch.float32, device=self.device)
+                   if "weight" in spec.model_params else None)
+        return FlatInputs(members=tuple(flat[k] for k in idx), base=flat[rec.base] if spec.needs_base else None,
+                          weights=weights, recipe=rec, member_params=[rec.params[k] for k in idx],
+                          cache=None if cache is None else [cache[k] for k in idx], numel=numel)
 
     def _fused(self, rec: TensorRecipe, rows: tuple[int, ...], a: int, b: int) -> None:
+        spec = METHODS[rec.method]
         kernel = self._kernel(rec.method)
         step = b - a if (self._compile and self.resident) else CHUNK
-        members = [k for k in range(len(rows)) if k != rec.base]
-        w = self._weights(rec, members)
-        divisor = _divisor(w, rec.method) if rec.shared["normalize"] else None
         for c in range(a, b, step):
             e = min(c + step, b)
-            xs = self._slices(rows, c, e)
-            if rec.method == "linear":
-                kernel(xs, w, divisor, self.out[c:e])
-            else:
-                kernel(tuple(xs[k] for k in members), xs[rec.base], w, divisor, float(rec.shared["lambda"]),
-                       self.out[c:e])
-
-    def _weights(self, rec: TensorRecipe, members: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([float(rec.params[k]["weight"]) for k in members], dtype=torch.float32, device=self.device)
+            kernel(*spec.kernel.args(self._flat(rec, self._slices(rows, c, e), e - c)), self.out[c:e])
 
     def _per_tensor(self, rec: TensorRecipe, rows: tuple[int, ...], seg: Segment, index: int) -> None:
+        spec = METHODS[rec.method]
         flat = self._slices(rows, seg.offset, seg.offset + seg.numel)
         tensors = [x.view(seg.shape) for x in flat]
-        ranks = None
-        if rec.method == "ties":
-            ranks = [None if k == rec.base or rec.params[k].get("density", 1.0) >= 1
-                     else self._rank(index, rows[k], rows[rec.base], tensors[k], tensors[rec.base])
-                     for k in range(len(rows))]
-            if not rec.shared["rescale"]:
-                members = [k for k in range(len(rows)) if k != rec.base]
-                check_recipe(rec)
-                w = self._weights(rec, members)
-                ks = tuple(topk_count(seg.numel, rec.params[k]["density"]) for k in members)
-                self._kernel("ties")(tuple(flat[k] for k in members), flat[rec.base],
-                                     tuple(ranks[k] for k in members), ks, w, bool(rec.shared["normalize"]),
-                                     float(rec.shared["lambda"]), self.out[seg.offset : seg.offset + seg.numel])
+        cache = None
+        if spec.precompute is not None:
+            cache = [None if k == rec.base else self._cached(index, rows, k, rec, tensors) for k in range(len(rows))]
+        if spec.kernel is not None:
+            args = spec.kernel.args(self._flat(rec, flat, seg.numel, cache))
+            if args is not None:
+                self._kernel(rec.method)(*args, self.out[seg.offset : seg.offset + seg.numel])
                 return
-        merged = merge_tensor(rec, tensors, out_dtype=self.dtype, ranks=ranks)
+        merged = merge_tensor(rec, tensors, out_dtype=self.dtype, cache=cache)
         self.out[seg.offset : seg.offset + seg.numel].copy_(merged.reshape(-1))
 
-    def _rank(self, index: int, row: int, base_row: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """TIES magnitude ranks of one task vector: computed once, cached where the rows live."""
-        key = (index, row, base_row)
-        if key not in self._ranks:
-            self._ranks[key] = magnitude_rank(x.float() - base.float()).to(self.buffer.device)
-        return self._ranks[key].to(self.device, non_blocking=True)
+    def _cached(self, index: int, rows: tuple[int, ...], k: int, rec: TensorRecipe, tensors) -> object:
+        """The method's precomputed work for one tensor and model (TIES' magnitude ranks):
+        computed at first use and kept where the rows live; None where the model's parameters
+        need none."""
+        spec = METHODS[rec.method]
+        if not spec.cache_when(rec.params[k]):
+            return None
+        key = (rec.method, index, rows[k], rows[rec.base] if rec.base is not None else -1)
+        if key not in self._cache:
+            base = tensors[rec.base] if rec.base is not None else None
+            self._cache[key] = spec.precompute(base, tensors[k]).to(self.buffer.device)
+        return self._cache[key].to(self.device, non_blocking=True)
 
 
 def _run_key(rec: TensorRecipe) -> tuple:

@@ -54,25 +54,32 @@ def sticks_from_simplex(weights: Sequence[float]) -> list[float]:
 
 
 class MergeSpace:
-    """The search space of one merge setup.
+    """The search space of one merge setup, read from the method's spec (search/methods/).
 
-    models: name -> path (as written into the config); base: the base model's path (slerp: the
-    first model is its t=0 end); num_layers: the sources' layer count.
+    models: name -> path (as written into the config); base: the base model's path (methods
+    whose base is their first model, slerp: that model); num_layers: the sources' layer count.
+    ranges: search ranges by parameter name, over the spec's defaults (density_range is
+    ranges["density"]). Per cell, each searched per-model parameter has one value per model
+    (weights on the simplex when the method normalizes), each searched global one one value.
     """
 
     def __init__(self, method: str, models: dict[str, str], *, base: str | None = None,
                  normalize: bool | None = None, granularity: int = 0, filters: Sequence[str] = (),
-                 weight_range: tuple[float, float] = (0.0, 1.0), density_range: tuple[float, float] = (0.1, 1.0),
-                 lambda_: float = 1.0, num_layers: int = 1, dtype: str = "float32"):
+                 weight_range: tuple[float, float] = (0.0, 1.0), density_range: tuple[float, float] | None = None,
+                 lambda_: float = 1.0, num_layers: int = 1, dtype: str = "float32",
+                 ranges: dict[str, tuple[float, float]] | None = None):
         if method not in METHODS:
             raise MergeSearchError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
-        spec = METHODS[method]
+        spec = self.spec = METHODS[method]
         self.method, self.models, self.names = method, dict(models), list(models)
         if not spec.needs_base:
             base = None  # linear has no base: a base_model would be one more input
-        if method == "slerp":
-            if len(models) != 2:
-                raise MergeSearchError(f"slerp merges exactly 2 models but got {len(models)}")
+        n_in = len(models) + (1 if spec.base_row else 0)
+        if spec.max_models is not None and n_in > spec.max_models or n_in < spec.min_models:
+            want = spec.max_models - spec.base_row if spec.max_models == spec.min_models else None
+            raise MergeSearchError(f"{method} merges exactly {want} models but got {len(models)}" if want else
+                                   f"{method} takes {spec.min_models}-{spec.max_models} inputs but got {n_in}")
+        if spec.base_is_first_model:
             base = self.models[self.names[0]]
         elif spec.needs_base and base is None:
             raise MergeSearchError(f"{method} needs a base model (merge.base_model)")
@@ -83,9 +90,17 @@ class MergeSpace:
                 f"merge.granularity must divide the layer count {num_layers} but got {granularity}")
         self.base, self.num_layers, self.dtype, self.lambda_ = base, num_layers, dtype, lambda_
         self.normalize = spec.normalize_default if normalize is None else normalize
-        self.simplex = method != "slerp" and bool(self.normalize)
-        self.has_density = "density" in spec.args
-        self.weight_range, self.density_range = weight_range, density_range
+        self.model_keys = spec.searched_model_params  # e.g. ("weight", "density")
+        self.shared_keys = spec.searched_shared_params  # e.g. ("t",)
+        self.simplex = "weight" in self.model_keys and bool(self.normalize)
+        self.has_density = "density" in self.model_keys
+        self.ranges = {k: p.search for k, p in {**spec.model_params, **spec.shared_params}.items()
+                       if isinstance(p.search, tuple)}
+        self.ranges.update(ranges or {})
+        if density_range is not None:
+            self.ranges["density"] = tuple(density_range)
+        self.weight_range = weight_range
+        self.density_range = self.ranges.get("density")
         self.granularity = granularity
         self.groups = num_layers // granularity if granularity else 1
         self.filters = list(filters)
@@ -95,25 +110,29 @@ class MergeSpace:
     def n_params(self) -> int:
         """How many parameters a trial searches (what `auto` picks its sampler by)."""
         n = len(self.names)
-        per_cell = 1 if self.method == "slerp" else (n - 1 if self.simplex else n) + (n if self.has_density else 0)
+        per_cell = len(self.shared_keys)
+        for k in self.model_keys:
+            per_cell += n - 1 if (k == "weight" and self.simplex) else n
         return per_cell * len(self.cells)
 
     # --- trial <-> values --------------------------------------------------------------------
 
+    def _range(self, key: str) -> tuple[float, float]:
+        return self.weight_range if key == "weight" else self.ranges[key]
+
     def suggest(self, trial: optuna.Trial) -> dict[str, dict[str, list[float]]]:
-        """Values per cell: {"weight": [per model], "density": [per model]} or {"t": [t]}."""
+        """Values per cell: {"weight": [per model], "density": [per model], "t": [one]}, as the spec has them."""
         values = {}
         for cell in self.cells:
-            if self.method == "slerp":
-                values[cell] = {"t": [trial.suggest_float(f"{cell}.t", 0.0, 1.0)]}
-                continue
-            if self.simplex:
-                sticks = [trial.suggest_float(f"{cell}.stick_{i}", 0.0, 1.0) for i in range(len(self.names) - 1)]
-                v = {"weight": simplex_from_sticks(sticks)}
-            else:
-                v = {"weight": [trial.suggest_float(f"{cell}.weight.{n}", *self.weight_range) for n in self.names]}
-            if self.has_density:
-                v["density"] = [trial.suggest_float(f"{cell}.density.{n}", *self.density_range) for n in self.names]
+            v = {}
+            for k in self.model_keys:
+                if k == "weight" and self.simplex:
+                    sticks = [trial.suggest_float(f"{cell}.stick_{i}", 0.0, 1.0) for i in range(len(self.names) - 1)]
+                    v["weight"] = simplex_from_sticks(sticks)
+                else:
+                    v[k] = [trial.suggest_float(f"{cell}.{k}.{n}", *self._range(k)) for n in self.names]
+            for k in self.shared_keys:
+                v[k] = [trial.suggest_float(f"{cell}.{k}", *self._range(k))]
             values[cell] = v
         return values
 
@@ -121,40 +140,45 @@ class MergeSpace:
         """The trial parameters that `suggest` turns into `values` (for enqueued baselines)."""
         params = {}
         for cell, v in values.items():
-            if self.method == "slerp":
-                params[f"{cell}.t"] = v["t"][0]
-                continue
-            if self.simplex:
-                params.update({f"{cell}.stick_{i}": s for i, s in enumerate(sticks_from_simplex(v["weight"]))})
-            else:
-                params.update({f"{cell}.weight.{n}": w for n, w in zip(self.names, v["weight"])})
-            if self.has_density:
-                params.update({f"{cell}.density.{n}": d for n, d in zip(self.names, v["density"])})
+            for k in self.model_keys:
+                if k == "weight" and self.simplex:
+                    params.update({f"{cell}.stick_{i}": s for i, s in enumerate(sticks_from_simplex(v["weight"]))})
+                else:
+                    params.update({f"{cell}.{k}.{n}": x for n, x in zip(self.names, v[k])})
+            for k in self.shared_keys:
+                params[f"{cell}.{k}"] = v[k][0]
         return params
 
-    def uniform_values(self, weights: Sequence[float], density: float = 1.0, t: float = 0.5) -> dict:
-        """The same values in every cell."""
-        if self.method == "slerp":
-            return {cell: {"t": [t]} for cell in self.cells}
-        v = {"weight": list(weights)} | ({"density": [density] * len(self.names)} if self.has_density else {})
+    def uniform_values(self, weights: Sequence[float], **fixed: float) -> dict:
+        """The same values in every cell: `weights`, and every other searched parameter at
+        `fixed[name]`, else its neutral value (density 1)."""
+        v = {}
+        for k in self.model_keys:
+            v[k] = list(weights) if k == "weight" else [fixed.get(k, self._neutral(k))] * len(self.names)
+        for k in self.shared_keys:
+            v[k] = [fixed.get(k, self._neutral(k))]
         return {cell: dict(v) for cell in self.cells}
 
+    def _neutral(self, key: str) -> float:
+        p = self.spec.model_params.get(key) or self.spec.shared_params[key]
+        return p.neutral if p.neutral is not None else p.default if p.default is not None else sum(self._range(key)) / 2
+
     def baselines(self) -> list[tuple[str, dict]]:
-        """(label, values): each source alone, then the uniform average."""
+        """(label, values): the method's baselines (default: each source alone, then the uniform average)."""
         n = len(self.names)
-        if self.method == "slerp":
-            return [(self.names[0], self.uniform_values([], t=0.0)), (self.names[1], self.uniform_values([], t=1.0)),
-                    ("uniform", self.uniform_values([], t=0.5))]
+        if self.spec.baselines is not None:
+            return [(label, {cell: dict(v) for cell in self.cells}) for label, v in self.spec.baselines(self.names)]
         out = [(name, self.uniform_values([1.0 if j == i else 0.0 for j in range(n)]))
                for i, name in enumerate(self.names)]
         return out + [("uniform", self.uniform_values([1.0 / n] * n))]
 
     def summary(self, values: dict) -> dict[str, float]:
         """Each model's mean weight over the cells (slerp: 1-t and t), for tables."""
-        if self.method == "slerp":
-            ts = [v["t"][0] for v in values.values()]
-            t = sum(ts) / len(ts)
-            return {self.names[0]: 1.0 - t, self.names[1]: t}
+        if "weight" not in self.model_keys:
+            if "t" in self.shared_keys and len(self.names) == 2:
+                t = sum(v["t"][0] for v in values.values()) / len(values)
+                return {self.names[0]: 1.0 - t, self.names[1]: t}
+            return {name: 1.0 / len(self.names) for name in self.names}
         out = {}
         for i, name in enumerate(self.names):
             ws = [v["weight"][i] for v in values.values()]
@@ -187,20 +211,14 @@ class MergeSpace:
             config["base_model"] = self.base
         models = []
         for i, name in enumerate(self.names):
-            params = {}
-            if self.method != "slerp":
-                params["weight"] = self._setting(values, "weight", i)
-                if self.has_density:
-                    params["density"] = self._setting(values, "density", i)
+            params = {k: self._setting(values, k, i) for k in self.model_keys}
             models.append({"model": self.models[name]} | ({"parameters": params} if params else {}))
         config["models"] = models
-        shared = {}
-        if self.method == "slerp":
-            shared["t"] = self._setting(values, "t", 0)
-        else:
+        shared = {k: self._setting(values, k, 0) for k in self.shared_keys}
+        if "normalize" in self.spec.shared_params:
             shared["normalize"] = bool(self.normalize)
-            if self.method != "linear" and self.lambda_ != 1.0:
-                shared["lambda"] = self.lambda_
+        if "lambda" in self.spec.shared_params and self.lambda_ != 1.0:
+            shared["lambda"] = self.lambda_
         config["parameters"] = shared
         config["dtype"] = self.dtype
         return config

@@ -29,7 +29,8 @@ from evaluation.tasks import ANY_SPLIT, load_suite
 from search.checkpoints import Checkpoint, assert_aligned, open_checkpoint, resolve_model_path
 from search.config import RunConfig
 from search.errors import MergeSearchError
-from search.merger import DTYPES, InMemoryMerger, resolve_device
+from search.merger import InMemoryMerger, resolve_device
+from search.methods import DTYPES, METHODS
 from search.samplers import make_sampler, sampler_name
 from search.selection import complete_trials, select
 from search.space import MergeSpace
@@ -42,8 +43,6 @@ from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, S
 SET_CONSTRAINT = hasattr(optuna.Trial, "set_constraint")  # optuna >= 5: constraints_func is deprecated
 PRUNE_MIN_EXAMPLES = 50  # `pruner: null` prunes when the search split has at least this many examples
 
-# Methods whose base is a model of its own (slerp's base is one of its two models).
-NEEDS_BASE_ROW = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 def source_path(path: str, base_dir: Path | None) -> Path:
@@ -62,7 +61,7 @@ def open_sources(cfg: RunConfig) -> tuple[list[Checkpoint], Checkpoint | None]:
     """Open every model of the config (and the base) and check they can be merged."""
     ckpts = [open_checkpoint(m.name, source_path(m.path, cfg.base_dir)) for m in cfg.models]
     base = None
-    if cfg.merge.base_model and cfg.merge.method in NEEDS_BASE_ROW:
+    if cfg.merge.base_model and METHODS[cfg.merge.method].base_row:  # slerp's base is one of its models
         base = open_checkpoint("base", source_path(cfg.merge.base_model, cfg.base_dir))
     assert_aligned(ckpts + ([base] if base else []))
     return ckpts, base

@@ -45,7 +45,7 @@ from search.errors import MergeSearchError
 from search.mergeconfig import (
     LAYER_RE, MergeConfig, TensorRecipe, load_merge_config, output_layer_count, output_tensors, resolve,
 )
-from search.methods import check_finite, merge_tensor
+from search.methods import DTYPES, SAFETENSORS_CODES, check_finite, merge_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ MANIFEST = "merge-manifest.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
-_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -175,7 +173,7 @@ def _plan(cfg: MergeConfig, donor: Checkpoint, sources: dict[str, Checkpoint]) -
             for info in infos[1:]:
                 out_dtype = torch.promote_types(out_dtype, info.dtype)
         else:
-            out_dtype = _DTYPES[dtype]
+            out_dtype = DTYPES[dtype]
         plan.append((recipe, infos[0].shape, out_dtype))
     return plan
 
@@ -203,14 +201,14 @@ def _write_shards(tmp: Path, plan: list, sources: dict[str, Checkpoint], cfg: Me
     """Write every shard (header first: the layout is known), tensor by tensor; sha256 per file."""
     layout = _shard_layout(plan, shard_bytes)
     names = _shard_names(len(layout))
-    in_dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
+    in_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     digests, weight_map = {}, {}
     for shard, fname in zip(layout, names):
         header, offset = {}, 0
         for i in shard:
             recipe, shape, dtype = plan[i]
             n = math.prod(shape) * dtype.itemsize
-            header[recipe.tensor] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[recipe.tensor] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
             weight_map[recipe.tensor] = fname
         header["__metadata__"] = {"format": "pt"}

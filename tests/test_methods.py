@@ -171,7 +171,7 @@ def test_merge_tensor_passes_precomputed_ties_ranks():
                      {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False})
     ranks = [None, magnitude_rank(A - BASE), magnitude_rank(B - BASE)]
     expect = ties(BASE, [A, B], [0.5, 0.5], [0.3, 0.6])
-    assert bits_equal(merge_tensor(r, [BASE, A, B], ranks=ranks), expect)
+    assert bits_equal(merge_tensor(r, [BASE, A, B], cache=ranks), expect)
     assert bits_equal(merge_tensor(r, [BASE, A, B]), expect)
 
 
@@ -188,9 +188,9 @@ def test_registry_matches_mergekit_parameters_and_defaults():
     for name, spec in METHODS.items():
         theirs = {p.name: p for p in mk.get(name).spec.parameters}
         assert set(theirs) == set(spec.params), name
-        for pname, default in {**spec.model_params, **spec.shared_params}.items():
+        for pname, param in {**spec.model_params, **spec.shared_params}.items():
             ref = None if theirs[pname].required else theirs[pname].default
-            assert default == ref, (name, pname)
+            assert param.default == ref, (name, pname)
     assert method_spec("ties").normalize_default is True
     assert method_spec("dare_ties").normalize_default is False
     assert method_spec("slerp").normalize_default is None
@@ -204,7 +204,7 @@ def recipe(method: str, n: int = 3, **over) -> TensorRecipe:
     base = 0 if spec.needs_base else None
     params = tuple({} if i == base else {k: (0.5 + 0.1 * i if k == "weight" else 0.6)
                                          for k in spec.model_params} for i in range(n))
-    shared = {k: (0.4 if k == "t" else v) for k, v in spec.shared_params.items()}
+    shared = {k: (0.4 if k == "t" else p.default) for k, p in spec.shared_params.items()}
     kw = dict(tensor="model.layers.0.mlp.up_proj.weight", method=method, models=tuple(f"m{i}" for i in range(n)),
               inputs=("model.layers.0.mlp.up_proj.weight",) * n, base=base, params=params, shared=shared)
     kw.update(over)
@@ -239,7 +239,7 @@ def test_contract_bad_inputs_are_one_line_errors(method):
     if spec.max_models is not None:
         with pytest.raises(MergeSearchError, match="exactly 2 models"):
             merge_tensor(recipe(method, models=("a", "b", "c"), inputs=("x",) * 3, params=({}, {}, {})), INPUTS)
-    if "density" in spec.args:
+    if "density" in spec.searched_model_params:
         bad = tuple({**p, "density": 1.5} if p else p for p in recipe(method).params)
         with pytest.raises(MergeSearchError, match=r"density must be in \(0, 1\]"):
             merge_tensor(recipe(method, params=bad), xs)
