@@ -198,13 +198,25 @@ def test_registry_matches_mergekit_parameters_and_defaults():
 
 # --- the contract, over every registered method ---------------------------------------------
 
+def _value(spec, key: str, i: int = 0):
+    """A valid, non-trivial value of parameter `key` of `spec` (model i's, for per-model ones)."""
+    p = spec.model_params.get(key) or spec.shared_params[key]
+    if key == "weight":
+        return 0.5 + 0.1 * i
+    if key == "t":
+        return 0.4
+    if isinstance(p.search, tuple):
+        lo, hi = p.search
+        return lo + (hi - lo) * (0.6 if p.type is float else 0.5)
+    return p.default if p.default is not None else 0.6
+
+
 def recipe(method: str, n: int = 3, **over) -> TensorRecipe:
     spec = METHODS[method]
-    n = 2 if method == "slerp" else n
+    n = n if spec.max_models is None else min(n, spec.max_models)
     base = 0 if spec.needs_base else None
-    params = tuple({} if i == base else {k: (0.5 + 0.1 * i if k == "weight" else 0.6)
-                                         for k in spec.model_params} for i in range(n))
-    shared = {k: (0.4 if k == "t" else p.default) for k, p in spec.shared_params.items()}
+    params = tuple({} if i == base else {k: _value(spec, k, i) for k in spec.model_params} for i in range(n))
+    shared = {k: _value(spec, k) for k in spec.shared_params}
     kw = dict(tensor="model.layers.0.mlp.up_proj.weight", method=method, models=tuple(f"m{i}" for i in range(n)),
               inputs=("model.layers.0.mlp.up_proj.weight",) * n, base=base, params=params, shared=shared)
     kw.update(over)
@@ -237,8 +249,10 @@ def test_contract_bad_inputs_are_one_line_errors(method):
         with pytest.raises(MergeSearchError, match=f"{method} needs a base_model"):
             merge_tensor(recipe(method, base=None), xs)
     if spec.max_models is not None:
-        with pytest.raises(MergeSearchError, match="exactly 2 models"):
-            merge_tensor(recipe(method, models=("a", "b", "c"), inputs=("x",) * 3, params=({}, {}, {})), INPUTS)
+        n = spec.max_models + 1
+        with pytest.raises(MergeSearchError, match=f"(exactly|at most) {spec.max_models} models"):
+            merge_tensor(recipe(method, models=tuple("abcdefgh"[:n]), inputs=("x",) * n, params=({},) * n),
+                         [rand(6, 7, seed=s) for s in range(n)])
     if "density" in spec.searched_model_params:
         bad = tuple({**p, "density": 1.5} if p else p for p in recipe(method).params)
         with pytest.raises(MergeSearchError, match=r"density must be in \(0, 1\]"):
@@ -255,3 +269,46 @@ def test_contract_bad_inputs_are_one_line_errors(method):
     nan[2, 3] = float("nan")
     with pytest.raises(MergeSearchError, match=r"tensor w of m1 \(/x/model.safetensors\): 1 NaN/inf"):
         check_finite(nan, "tensor w of m1 (/x/model.safetensors)")
+
+
+# What each method's math says for equal inputs and for one-hot weights. Methods outside
+# IDENTITY_EXEMPT give x back when every input is x; outside ONE_HOT_EXEMPT, weight 1 on one
+# model and 0 on the others gives that model back (up to float rounding where noted).
+IDENTITY_EXEMPT: dict[str, str] = {}
+ONE_HOT_EXEMPT: dict[str, str] = {
+    "ties": "one-hot weights still trim the chosen task vector to its density",
+    "dare_linear": "one-hot weights still drop and rescale the chosen task vector",
+    "dare_ties": "one-hot weights still drop and rescale the chosen task vector",
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_contract_equal_inputs_give_that_input(method):
+    if method in IDENTITY_EXEMPT:
+        pytest.skip(IDENTITY_EXEMPT[method])
+    r = recipe(method)
+    x = INPUTS[0]
+    out = merge_tensor(r, [x.clone() for _ in r.models])
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if "weight" in METHODS[m].model_params))
+def test_contract_one_hot_weights_give_that_source(method):
+    if method in ONE_HOT_EXEMPT:
+        pytest.skip(ONE_HOT_EXEMPT[method])
+    r = recipe(method)
+    idx = [i for i in range(len(r.models)) if i != r.base]
+    xs = [rand(6, 7, seed=10 + i) for i in range(len(r.models))]
+    for chosen in idx:
+        params = tuple(p if i == r.base else {**p, "weight": 1.0 if i == chosen else 0.0}
+                       for i, p in enumerate(r.params))
+        out = merge_tensor(TensorRecipe(**{**r.__dict__, "params": params}), xs)
+        torch.testing.assert_close(out, xs[chosen], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].random))
+def test_contract_random_methods_are_fixed_by_their_seed(method):
+    r = recipe(method)
+    xs = INPUTS[: len(r.models)]
+    assert bits_equal(merge_tensor(r, xs, seed=3), merge_tensor(r, xs, seed=3))
+    assert not bits_equal(merge_tensor(r, xs, seed=3), merge_tensor(r, xs, seed=4))
