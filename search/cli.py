@@ -473,12 +473,22 @@ def bench() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed merges of each kind (median).")
 @click.option("--no-mergekit", is_flag=True, help="Skip the mergekit comparisons (ours and the bound only).")
-def bench_merge_cmd(as_json, params, device, repeats, no_mergekit) -> None:
+@click.option("--methods", help="Also time these merge methods in memory: 'all' or a comma list.")
+def bench_merge_cmd(as_json, params, device, repeats, no_mergekit, methods) -> None:
     """Our in-memory merge vs the streaming bound, mergekit's in-memory path and mergekit-yaml; TIES; peak memory."""
     from search.bench.merge import bench_merge, report
     from search.merger import resolve_device
+    from search.methods import METHODS
 
-    fig = bench_merge(params=params, device=str(resolve_device(device)), repeats=repeats, mergekit=not no_mergekit)
+    wanted = None
+    if methods:
+        wanted = list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in METHODS]
+        if unknown or not wanted:
+            raise MergeSearchError(f"--methods: unknown merge method {unknown[0]!r}; known: all, {', '.join(METHODS)}"
+                                   if unknown else "--methods: give 'all' or a comma list of methods")
+    fig = bench_merge(params=params, device=str(resolve_device(device)), repeats=repeats, mergekit=not no_mergekit,
+                      methods=wanted)
     click.echo(report(fig))
     if as_json:
         click.echo(json.dumps(fig))

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.errors import ConfigError
-from search.methods import METHODS
+from search.methods import METHODS, baseline_methods, parameter_free
 from search.yamlfile import read_yaml
 
 # The demo config, used when `merge-search run` gets no argument.
@@ -43,6 +43,7 @@ class MergeSpec(_Model):
     weight_range: tuple[float, float] = (0.0, 1.0)  # searched weights, methods that don't normalize
     density_range: tuple[float, float] = (0.1, 1.0)  # searched densities, ties and dare_*
     lambda_: float = Field(default=1.0, alias="lambda")  # task-vector scale (fixed)
+    ranges: dict[str, tuple[float, float]] = {}  # search ranges of the method's other parameters (epsilon, t...)
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
@@ -53,6 +54,16 @@ class MergeSpec(_Model):
             raise ValueError(f"density_range must satisfy 0 < low <= high <= 1 but got {list(self.density_range)}")
         if self.weight_range[0] > self.weight_range[1]:
             raise ValueError(f"weight_range must be [low, high] with low <= high but got {list(self.weight_range)}")
+        spec = METHODS[self.method]
+        searched = (*spec.searched_model_params, *spec.searched_shared_params)
+        for key, (lo, hi) in self.ranges.items():
+            if key not in searched or key in ("weight", "density"):
+                others = [k for k in searched if k not in ("weight", "density")]
+                hint = "use weight_range / density_range" if key in ("weight", "density") else \
+                    f"its searched parameters: {', '.join(others) or 'none'}"
+                raise ValueError(f"ranges.{key}: not a searched parameter of {self.method} ({hint})")
+            if lo > hi:
+                raise ValueError(f"ranges.{key} must be [low, high] with low <= high but got {[lo, hi]}")
         if len(set(self.filters)) != len(self.filters) or not all(self.filters):
             raise ValueError(f"filters must be distinct non-empty strings but got {self.filters}")
         return self
@@ -106,6 +117,9 @@ class StudySpec(_Model):
     prune_threshold: float = Field(default=0.1, gt=0, lt=1)  # Wilcoxon p-value below which a trial stops
     shard_size: int = Field(default=16, ge=1)  # examples scored between two pruning decisions
     select: Literal["best_dev", "robust"] = "robust"  # how the exported best is chosen (selection.py)
+    # parameter-free merge methods scored as baseline rows next to each source and uniform;
+    # null: every one the sources allow (those needing a base only with merge.base_model)
+    baseline_methods: list[str] | None = None
     n_trials: int = Field(default=30, ge=1)  # total finished trials wanted; resume runs the rest
     timeout: float | None = Field(default=None, gt=0)  # seconds for this invocation
     seed: int = 0
@@ -139,8 +153,33 @@ class RunConfig(_Model):
         return models
 
     @model_validator(mode="after")
+    def _baseline_methods(self) -> RunConfig:
+        wanted = self.study.baseline_methods
+        if wanted is None:
+            return self
+        ok = baseline_methods(len(self.models), bool(self.merge.base_model))
+        for name in wanted:
+            if name not in ok:
+                raise ValueError(f"study.baseline_methods: {name!r} is not a parameter-free method these "
+                                 f"{len(self.models)} models{' and base' if self.merge.base_model else ''} can be "
+                                 f"merged with; possible: {', '.join(ok) or 'none'}")
+        if len(set(wanted)) != len(wanted):
+            raise ValueError(f"study.baseline_methods: listed twice in {wanted}")
+        return self
+
+    @property
+    def baseline_methods(self) -> list[str]:
+        """The parameter-free methods the study scores as baseline rows."""
+        if self.study.baseline_methods is not None:
+            return list(self.study.baseline_methods)
+        return baseline_methods(len(self.models), bool(self.merge.base_model), exclude=self.merge.method)
+
+    @model_validator(mode="after")
     def _enough_models(self) -> RunConfig:
         spec = METHODS[self.merge.method]
+        if parameter_free(spec):
+            raise ValueError(f"{spec.name} has nothing to search: merge with it directly (merge-search merge), "
+                             "or list it in study.baseline_methods of a search")
         n = len(self.models) + (1 if spec.base_row else 0)  # the method's count includes its base
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
             lo, hi = spec.min_models - spec.base_row, None if spec.max_models is None else spec.max_models - spec.base_row

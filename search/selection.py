@@ -42,7 +42,8 @@ def is_pruned(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def weight_vector(trial: optuna.trial.FrozenTrial) -> np.ndarray:
-    """The trial's derived values (weights, densities, t of every cell) in one flat vector."""
+    """The trial's derived values (weights, densities, t of every cell) in one flat vector (a
+    parameter-free method's row: its display weights, never compared; see `smoothed`)."""
     cells = trial.user_attrs.get("cells") or {"all": {"weight": list(trial.user_attrs["weights"].values())}}
     return np.array([x for cell in cells.values() for key in sorted(cell) for x in cell[key]], float)
 
@@ -52,12 +53,19 @@ def smoothed(trials: Sequence[optuna.trial.FrozenTrial], values: Sequence[float]
     """Each trial's value as the kernel-weighted mean of the values around it (itself included)."""
     if radius <= 0:
         raise ValueError(f"radius must be positive but got {radius}")
-    x = np.stack([weight_vector(t) for t in trials])
+    alone = np.array([bool(t.user_attrs.get("baseline_method")) for t in trials])  # no place in weight space
+    placed = [weight_vector(t) for t, a in zip(trials, alone) if not a]
+    width = len(placed[0]) if placed else 1
+    it = iter(placed)
+    x = np.stack([np.zeros(width) if a else next(it) for a in alone])
     v = np.asarray(values, float)
-    n_cells = max(1, len(trials[0].user_attrs.get("cells") or [0]))
+    n_cells = max(1, max((len(t.user_attrs.get("cells") or [0]) for t in trials), default=1))
     sq = (x * x).sum(1)  # |a-b|^2 = |a|^2 + |b|^2 - 2ab: n x n memory, not n x n x parameters
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0) / n_cells  # squared distance, per cell
     k = np.exp(-d2 / (2 * radius ** 2))
+    k[alone, :] = 0.0
+    k[:, alone] = 0.0
+    k[np.diag_indices_from(k)] = 1.0
     return (k @ v + PRIOR_WEIGHT * np.median(v)) / (k.sum(1) + PRIOR_WEIGHT)
 
 

@@ -38,7 +38,7 @@ from search.storage import _file_path, mask_url, open_storage, report_many, stor
 
 log = logging.getLogger(__name__)
 
-from search.attrs import BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, SOURCES_ATTR, TEST_ATTR
+from search.attrs import BASELINE_METHOD, BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, SOURCES_ATTR, TEST_ATTR
 
 SET_CONSTRAINT = hasattr(optuna.Trial, "set_constraint")  # optuna >= 5: constraints_func is deprecated
 PRUNE_MIN_EXAMPLES = 50  # `pruner: null` prunes when the search split has at least this many examples
@@ -61,7 +61,8 @@ def open_sources(cfg: RunConfig) -> tuple[list[Checkpoint], Checkpoint | None]:
     """Open every model of the config (and the base) and check they can be merged."""
     ckpts = [open_checkpoint(m.name, source_path(m.path, cfg.base_dir)) for m in cfg.models]
     base = None
-    if cfg.merge.base_model and METHODS[cfg.merge.method].base_row:  # slerp's base is one of its models
+    wants_base = METHODS[cfg.merge.method].base_row or any(METHODS[m].base_row for m in cfg.baseline_methods)
+    if cfg.merge.base_model and wants_base:  # slerp's base is one of its models
         base = open_checkpoint("base", source_path(cfg.merge.base_model, cfg.base_dir))
     assert_aligned(ckpts + ([base] if base else []))
     return ckpts, base
@@ -184,7 +185,7 @@ def recover_dead_trials(study: optuna.Study, grace_period: float) -> list[int]:
             continue
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         if not t.user_attrs.get("retried_from") and not t.user_attrs.get("surplus"):
-            attrs = {k: v for k, v in t.user_attrs.items() if k in ("label",)} | {"retried_from": t.number}
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("label", BASELINE_METHOD)} | {"retried_from": t.number}
             study.enqueue_trial(t.params, user_attrs=attrs, skip_if_exists=False)
         out.append(t.number)
     if out:
@@ -264,6 +265,7 @@ class Searcher:
             m.method, {spec.name: str(ck.path.resolve()) for spec, ck in zip(cfg.models, sources)},
             base=str(base.path.resolve()) if base else None, normalize=m.normalize, granularity=m.granularity,
             filters=m.filters, weight_range=m.weight_range, density_range=m.density_range, lambda_=m.lambda_,
+            ranges=dict(m.ranges),
             num_layers=merger.num_layers, dtype=cfg.dtype,
         )
         tokenizer = AutoTokenizer.from_pretrained(sources[0].path)
@@ -308,13 +310,20 @@ class Searcher:
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         _check_budget(trial, self.cfg.study.n_trials, self.cfg.study.grace_period)
-        values = self.space.suggest(trial)
-        config = self.space.to_config(values)
+        method = trial.user_attrs.get(BASELINE_METHOD)
+        if method:  # a parameter-free method's row: nothing suggested
+            config = self.method_config(method)
+        else:
+            values = self.space.suggest(trial)
+            config = self.space.to_config(values)
         t0 = time.perf_counter()
         self.merger.apply(config)
         t1 = time.perf_counter()
-        trial.set_user_attr("cells", values)
-        trial.set_user_attr("weights", self.space.summary(values))
+        if method:  # weights are for display only: the method has none
+            trial.set_user_attr("weights", {n: 1.0 / len(self.space.names) for n in self.space.names})
+        else:
+            trial.set_user_attr("cells", values)
+            trial.set_user_attr("weights", self.space.summary(values))
         trial.set_user_attr("merge_config", config)
         results, report_s = {}, [0.0]
         try:
@@ -379,11 +388,24 @@ class Searcher:
         return tick
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        """Each source alone and the uniform average, unless already in the study."""
+        """Each source alone, the uniform average, then each parameter-free method
+        (`cfg.baseline_methods`), unless already in the study."""
         have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
         for label, values in self.space.baselines():
             if label not in have:
                 study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
+        for method in self.cfg.baseline_methods:
+            if method not in have:
+                study.enqueue_trial({}, user_attrs={"label": method, BASELINE_METHOD: method})
+
+    def method_config(self, method: str) -> dict:
+        """The mergekit configuration of parameter-free `method` over every source (and the base)."""
+        config: dict = {"merge_method": method}
+        if METHODS[method].needs_base:
+            config["base_model"] = str(self.sources[len(self.cfg.models)].path.resolve())
+        config["models"] = [{"model": path} for path in self.space.models.values()]
+        config["dtype"] = self.cfg.dtype
+        return config
 
     def rescore_test(self, study: optuna.Study) -> None:
         """Re-score the baselines, the top candidates and the selected one on the held-out split."""
@@ -474,7 +496,8 @@ def run_search(
         study = create_study(cfg, searcher.space, searcher.pruning)
         remaining = cfg.study.n_trials - len(finished(study))
         merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
-                 **cfg.merge.model_dump(mode="json", by_alias=True, exclude={"base_model"})}
+                 **cfg.merge.model_dump(mode="json", by_alias=True,
+                                        exclude={"base_model"} | (set() if cfg.merge.ranges else {"ranges"}))}
         scoring = searcher.scoring()
         _check_setup(study, cfg, MERGE_ATTR, merge, "was run with another merge setup")
         _check_setup(study, cfg, EVAL_ATTR, scoring, "was scored with another eval setup",

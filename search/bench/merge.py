@@ -10,7 +10,11 @@ Builds (once, cached) three bf16 Llama-shaped sources of the asked size plus a b
 - TIES per trial, ours (magnitude ranks cached at load) against mergekit's in-memory path;
 - peak resident memory of a search-like process (load N sources + one linear merge) against
   (N+1) x P x bytes (the rows and the live model),
-  measured in a child process, with the interpreter's own baseline reported beside it.
+  measured in a child process, with the interpreter's own baseline reported beside it;
+- with `--methods all` (or a comma list), every registered method's in-memory merge in the same
+  merger: the first merge (which computes what the method caches, e.g. TIES' ranks) and the
+  median of the next ones, each at the middle of its search ranges (density 0.5, t 0.5, equal
+  weights) over as many of the sources as it takes; `per_method` {method: {first_s, s, models}}.
 """
 
 from __future__ import annotations
@@ -190,8 +194,46 @@ print(json.dumps({{"baseline": before, "peak": rss(), "numel": m.numel}}))
             "peak_memory_ratio_raw": fig["peak"] / need}
 
 
+def method_config(method: str, sources: list[Path], base: Path, num_layers: int) -> dict | None:
+    """A config of `method` over the sources (and base) at the middle of its search ranges; None
+    for a method that cannot take two or more of them (passthrough)."""
+    from search.methods import METHODS, parameter_free
+    from search.space import MergeSpace
+
+    spec = METHODS[method]
+    n = len(sources) if spec.max_models is None else min(len(sources), spec.max_models - spec.base_row)
+    if n < 2:
+        return None
+    models = {f"s{i}": str(p) for i, p in enumerate(sources[:n])}
+    if parameter_free(spec):
+        config = {"merge_method": method, "models": [{"model": p} for p in models.values()], "dtype": "bfloat16"}
+        return config | ({"base_model": str(base)} if spec.needs_base else {})
+    space = MergeSpace(method, models, base=str(base) if spec.base_row else None, num_layers=num_layers,
+                       dtype="bfloat16")
+    mid = {k: 0.5 if k in ("density", "t") else sum(space._range(k)) / 2
+           for k in (*space.model_keys, *space.shared_keys) if k != "weight"}
+    return space.to_config(space.uniform_values([1.0 / n] * n, **mid))
+
+
+def per_method(merger, sources: list[Path], base: Path, methods: list[str], repeats: int, sync) -> dict:
+    """{method: {"first_s", "s", "models"}} of in-memory merges in one merger (see the module doc)."""
+    out = {}
+    for method in methods:
+        config = method_config(method, sources, base, merger.num_layers)
+        if config is None:
+            continue
+        t0 = time.perf_counter()
+        merger.apply(config)
+        sync()
+        first = time.perf_counter() - t0
+        out[method] = {"first_s": first, "s": _median(lambda: (merger.apply(config), sync()), repeats),
+                       "models": len(config["models"])}
+        log.info("%s: %.1f ms/merge (first %.2fs)", method, out[method]["s"] * 1e3, first)
+    return out
+
+
 def bench_merge(*, params: str = "150M", device: str = "cpu", repeats: int = 3, cache: Path | None = None,
-                mergekit: bool = True) -> dict:
+                mergekit: bool = True, methods: list[str] | None = None) -> dict:
     """All figures of `merge-search bench merge` as one dict (see the module docstring)."""
     from search.checkpoints import open_checkpoint
     from search.merger import InMemoryMerger
@@ -225,6 +267,8 @@ def bench_merge(*, params: str = "150M", device: str = "cpu", repeats: int = 3, 
     sync()
     fig["ties_first_s"] = time.perf_counter() - t0
     fig["ties_s"] = _median(lambda: (merger.apply(configs["ties"]), sync()), repeats)
+    if methods:
+        fig["per_method"] = per_method(merger, sources, base, methods, repeats, sync)
     del merger
 
     log.info("ours done (linear %.1f ms, ties %.1f ms); now mergekit", fig["linear_s"] * 1e3, fig["ties_s"] * 1e3)
@@ -277,6 +321,10 @@ def report(fig: dict) -> str:
             f"mergekit in-memory ties: {fig['mergekit_ties_s']:.1f}s -> {fig['ties_speedup_vs_mergekit']:.0f}x faster",
             f"note: {fig['mergekit_note']}",
         ]
+    if fig.get("per_method"):
+        lines.append("per method (in memory, first merge / median of the next):")
+        lines += [f"  {m:<18} {v['s'] * 1e3:9.1f} ms   first {v['first_s']:7.2f} s   ({v['models']} sources)"
+                  for m, v in fig["per_method"].items()]
     lines.append(
         f"peak RSS {fig['peak_rss_bytes'] / 2**30:.2f} GiB (interpreter baseline {fig['baseline_rss_bytes'] / 2**30:.2f} GiB) "
         f"vs (N+1)·P·2 = {fig['rows_bytes'] / 2**30:.2f} GiB -> {fig['peak_memory_ratio']:.2f}x "

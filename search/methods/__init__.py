@@ -68,6 +68,23 @@ def method_spec(name: str) -> MethodSpec:
     return spec
 
 
+def parameter_free(spec: MethodSpec) -> bool:
+    """Nothing to search (model_stock, karcher): in a study such a method is a baseline row."""
+    return not spec.searched_model_params and not spec.searched_shared_params
+
+
+def baseline_methods(n_models: int, has_base: bool, exclude: str = "") -> list[str]:
+    """The parameter-free methods that can merge `n_models` sources (with the base, if given):
+    the rows a study adds next to each source alone and uniform."""
+    out = []
+    for name, spec in METHODS.items():
+        n = n_models + (1 if spec.base_row else 0)
+        if (name != exclude and parameter_free(spec) and (has_base or not spec.base_row)
+                and n >= spec.min_models and (spec.max_models is None or n <= spec.max_models)):
+            out.append(name)
+    return out
+
+
 def members(spec: MethodSpec, recipe) -> list[int]:
     """Indices of a recipe's models that are merged in (every one but the base)."""
     return [i for i in range(len(recipe.models)) if i != recipe.base] if spec.needs_base else list(range(len(recipe.models)))
@@ -122,6 +139,6 @@ __all__ = [
     "DTYPES", "METHODS", "NORMALIZE_EPS", "PARAM_TYPES", "REQUIRED", "RESCALE_EPS", "SAFETENSORS_CODES", "SLERP_CHUNK",
     "SLERP_DOT_THRESHOLD", "SLERP_EPS", "FlatInputs", "Kernel", "MergeInputs", "MethodSpec", "Param", "check_finite",
     "check_normalizable", "check_recipe", "dare_keep", "dare_linear", "dare_seed", "dare_ties", "linear",
-    "magnitude_rank", "members", "merge_inputs", "merge_tensor", "method_spec", "slerp", "task_arithmetic", "ties",
+    "magnitude_rank", "members", "parameter_free", "baseline_methods", "merge_inputs", "merge_tensor", "method_spec", "slerp", "task_arithmetic", "ties",
     "topk_count",
 ]
