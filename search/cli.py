@@ -452,6 +452,26 @@ def merge(config, output, shard_size, device, seed, force) -> None:
     click.echo(f"merged {manifest['tensors']} tensors -> {output}")
 
 
+@main.command("methods")
+def methods_cmd() -> None:
+    """The registered merge methods: inputs, searched parameters with their ranges, the fixed ones."""
+    from search.methods import METHODS, parameter_free
+
+    for name, spec in METHODS.items():
+        n = f"{spec.min_models}+" if spec.max_models is None else (
+            str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}")
+        base = "first model is the base" if spec.base_is_first_model else "needs base" if spec.needs_base else "no base"
+        searched = [f"{k} {'simplex/weight_range' if p.search == 'weight' else list(p.search)}"
+                    for k, p in {**spec.model_params, **spec.shared_params}.items() if p.search is not None]
+        fixed = [f"{k}={p.default}" for k, p in {**spec.model_params, **spec.shared_params}.items()
+                 if p.search is None and p.default is not None]
+        what = "baseline row (nothing to search)" if parameter_free(spec) else "searches " + ", ".join(searched)
+        extra = [x for x, on in (("random", spec.random), ("fused kernel", spec.kernel is not None),
+                                 ("cached selection", spec.precompute is not None)) if on]
+        click.echo(f"{name}: {n} inputs, {base}; {what}; fixed {', '.join(fixed) or 'none'}"
+                   + (f"; {', '.join(extra)}" if extra else ""))
+
+
 @main.command("demo-models")
 @click.option("--out", type=click.Path(file_okay=False), help="Cache root (default $MERGE_SEARCH_CACHE or ~/.cache/merge-search).")
 def demo_models(out) -> None:

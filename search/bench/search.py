@@ -194,7 +194,9 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
     if seeds < 1:
         raise MergeSearchError(f"seeds must be at least 1 but got {seeds}")
     b = QUICK if quick else FULL
-    config = lambda **kw: load_config(None, **{"device": device, "study.pruner": "none", **kw})  # noqa: E731
+    # the bench's studies run past the demo's n_trials: the budget check (for workers) must not stop them
+    config = lambda **kw: load_config(None, **{"device": device, "study.pruner": "none",  # noqa: E731
+                                               "study.n_trials": 10_000, **kw})
     built: dict[str, Searcher] = {}
     clock, t0 = {}, time.perf_counter()
 
