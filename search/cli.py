@@ -83,7 +83,7 @@ def main(verbose: int) -> None:
 
 def _storage_args(run_dir: str | None, storage: str | None, study_name: str | None):
     """Resolve RUN_DIR | --storage/--study-name to a loaded study."""
-    from search.study import load_existing_study
+    from search.storage import load_existing_study
 
     if run_dir:
         db = Path(run_dir) / "study.db"
@@ -254,6 +254,9 @@ def _run_workers(cfg, config: str | None, workers: int, search_on_test: bool, de
         args += ["--device", device]
     if search_on_test:
         args.append("--search-on-test")
+    from search.storage import open_storage
+
+    open_storage(cfg.storage_url, create=True)  # the schema once, before the workers race to make it
     procs = []
     for i in range(workers):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -455,17 +458,20 @@ def merge(config, output, shard_size, device, seed, force) -> None:
 @main.command("methods")
 def methods_cmd() -> None:
     """The registered merge methods: inputs, searched parameters with their ranges, the fixed ones."""
-    from search.methods import METHODS, parameter_free
+    from search.methods import METHODS, REQUIRED, parameter_free
 
     for name, spec in METHODS.items():
         n = f"{spec.min_models}+" if spec.max_models is None else (
             str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}")
         base = "first model is the base" if spec.base_is_first_model else "needs base" if spec.needs_base else "no base"
-        searched = [f"{k} {'simplex/weight_range' if p.search == 'weight' else list(p.search)}"
+        simplex = spec.normalize_default or spec.weights_scale_free
+        searched = [f"{k} {('on the simplex' if simplex else 'in weight_range') if p.search == 'weight' else list(p.search)}"
                     for k, p in {**spec.model_params, **spec.shared_params}.items() if p.search is not None]
         fixed = [f"{k}={p.default}" for k, p in {**spec.model_params, **spec.shared_params}.items()
-                 if p.search is None and p.default is not None]
-        what = "baseline row (nothing to search)" if parameter_free(spec) else "searches " + ", ".join(searched)
+                 if p.search is None and p.default is not REQUIRED and p.default is not None]
+        single = spec.max_models is not None and spec.max_models - spec.base_row < 2
+        what = ("slices only (one model, nothing to search)" if single else
+                "a baseline row (nothing to search)" if parameter_free(spec) else "searches " + ", ".join(searched))
         extra = [x for x, on in (("random", spec.random), ("fused kernel", spec.kernel is not None),
                                  ("cached selection", spec.precompute is not None)) if on]
         click.echo(f"{name}: {n} inputs, {base}; {what}; fixed {', '.join(fixed) or 'none'}"

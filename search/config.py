@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search.errors import ConfigError
+from search.errors import ConfigError, field_path
 from search.methods import METHODS, baseline_methods, parameter_free
 from search.yamlfile import read_yaml
 
@@ -41,17 +41,21 @@ class MergeSpec(_Model):
     granularity: int = Field(default=0, ge=0)  # 0: one weight set; K: one per group of K layers
     filters: list[str] = []  # substrings (self_attn, mlp, ...) with weight sets of their own
     weight_range: tuple[float, float] = (0.0, 1.0)  # searched weights, methods that don't normalize
-    density_range: tuple[float, float] = (0.1, 1.0)  # searched densities, ties and dare_*
+    density_range: tuple[float, float] | None = None  # searched densities; null: the method's own range
     lambda_: float = Field(default=1.0, alias="lambda")  # task-vector scale (fixed)
     ranges: dict[str, tuple[float, float]] = {}  # search ranges of the method's other parameters (epsilon, t...)
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
+        if METHODS[self.method].base_unsupported and self.base_model:
+            raise ValueError(f"base_model: {self.method} with a base (mergekit's task-vector mode) is not supported "
+                             "by merge-search; drop base_model")
         if METHODS[self.method].base_row and not self.base_model:
             raise ValueError(f"method {self.method} needs base_model (the model the variants were fine-tuned from)")
-        lo, hi = self.density_range
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"density_range must satisfy 0 < low <= high <= 1 but got {list(self.density_range)}")
+        if self.density_range is not None:
+            lo, hi = self.density_range
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"density_range must satisfy 0 < low <= high <= 1 but got {list(self.density_range)}")
         if self.weight_range[0] > self.weight_range[1]:
             raise ValueError(f"weight_range must be [low, high] with low <= high but got {list(self.weight_range)}")
         spec = METHODS[self.method]
@@ -64,6 +68,11 @@ class MergeSpec(_Model):
                 raise ValueError(f"ranges.{key}: not a searched parameter of {self.method} ({hint})")
             if lo > hi:
                 raise ValueError(f"ranges.{key} must be [low, high] with low <= high but got {[lo, hi]}")
+        if spec.check_ranges is not None:
+            effective = spec.search_ranges({**self.ranges, **({"density": self.density_range} if self.density_range else {})})
+            problem = spec.check_ranges(effective)
+            if problem:
+                raise ValueError(problem)
         if len(set(self.filters)) != len(self.filters) or not all(self.filters):
             raise ValueError(f"filters must be distinct non-empty strings but got {self.filters}")
         return self
@@ -177,6 +186,9 @@ class RunConfig(_Model):
     @model_validator(mode="after")
     def _enough_models(self) -> RunConfig:
         spec = METHODS[self.merge.method]
+        if spec.max_models is not None and spec.max_models - spec.base_row < 2:
+            raise ValueError(f"{spec.name} takes one model: there is nothing to merge or search "
+                             "(use it in a `slices:` config with merge-search merge)")
         if parameter_free(spec):
             raise ValueError(f"{spec.name} has nothing to search: merge with it directly (merge-search merge), "
                              "or list it in study.baseline_methods of a search")
@@ -201,10 +213,7 @@ class RunConfig(_Model):
 
 
 def _field_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return field_path(loc) or "(top level)"
 
 
 # The `merge-search run` options that set config fields: an error in such a field names the option.

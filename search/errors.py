@@ -15,3 +15,11 @@ class CheckpointError(MergeSearchError):
 
 class AlignmentError(MergeSearchError):
     """Sources that cannot be merged with each other; the message lists every mismatch."""
+
+
+def field_path(loc) -> str:
+    """A validation error's location as the config spells it: `models[1].path` ("" at the top)."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -97,7 +97,8 @@ def derived_weights(trial: optuna.trial.FrozenTrial, models: list[str]) -> dict[
 def importances(study: optuna.Study, models: list[str]) -> dict[str, float]:
     """fANOVA importances of the derived weights for the dev score (shares summing to 1): a
     study of the same trials whose parameters are the weights, given to Optuna's evaluator."""
-    done = [t for t in complete_trials(study) if "dev_score" in t.user_attrs]
+    # a parameter-free method's row has no cells: no weights to attribute its score to
+    done = [t for t in complete_trials(study) if "dev_score" in t.user_attrs and t.user_attrs.get("cells")]
     if len(done) < 3:
         return {}
     proxy = optuna.create_study(direction="maximize")
@@ -234,8 +235,12 @@ def build_report(study: optuna.Study) -> Report:
                   "How much of the dev score's variation each model's weight explains, per cell, on the weights "
                   "that were merged (not the raw sampler parameters); longer bars matter more.", fig))
 
-    # the simplex
-    cells = best.user_attrs.get("cells") or {}
+    # the simplex; the per-layer plot shows the exported candidate, or the best searched one when a
+    # parameter-free method's row (no cells) is exported
+    searched = [t for t in full if t.user_attrs.get("cells")]
+    layered = best if best.user_attrs.get("cells") else max(
+        searched, key=lambda t: (t.user_attrs["dev_score"], -t.number), default=best)
+    cells = layered.user_attrs.get("cells") or {}
     weights = [[t.user_attrs["weights"][m] for m in models] for t in full]
     score = [t.user_attrs["dev_score"] for t in full]
     marks = [(t, "star" if t.number == best.number else "diamond") for t in full
@@ -279,7 +284,8 @@ def build_report(study: optuna.Study) -> Report:
                 ys = [cells[f"{g}.{f}"]["weight"][i] for g in groups]
                 fig.add_trace(go.Scatter(x=list(range(len(groups))), y=ys, mode="lines+markers",
                                          name=f"{m}" + ("" if filters == ["rest"] else f" ({f})")))
-        fig.update_layout(title="The exported candidate's weights across layers",
+        who = "The exported candidate's" if layered is best else f"{_name(layered)}'s (the best searched candidate)"
+        fig.update_layout(title=f"{who} weights across layers",
                           xaxis_title="layer group (0 = closest to the embeddings)", yaxis_title="weight (0-1)",
                           xaxis={"dtick": 1})
         S(Section("layers", "Weights across layers",

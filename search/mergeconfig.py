@@ -35,9 +35,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from search.errors import MergeSearchError
+from search.errors import MergeSearchError, field_path
 from search.methods import DTYPES as METHOD_DTYPES
-from search.methods import METHODS, PARAM_TYPES
+from search.methods import METHODS, PARAM_TYPES, REQUIRED
 from search.yamlfile import read_yaml
 
 Scalar = bool | int | float | str
@@ -142,6 +142,9 @@ class MergeConfig(_Frozen):
         if spec is None:
             raise ValueError(f"merge_method: unknown merge method {self.merge_method!r}; "
                              f"known: {', '.join(METHODS)}")
+        if spec.base_unsupported and self.base_model:
+            raise ValueError(f"base_model: {self.merge_method} with a base (mergekit's task-vector mode) is not "
+                             "supported by merge-search; drop base_model")
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of models or slices (non-empty)")
         if self.tokenizer_source == "union":
@@ -212,13 +215,6 @@ def _check_parameter(spec, method: str, where: str, name: str, setting: Any, sha
 
 # --- loading --------------------------------------------------------------------------------
 
-def _loc(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out
-
-
 def parse_merge_config(data: Any, source: str = "<config>") -> MergeConfig:
     """Validate a parsed YAML mapping; MergeSearchError "source: key.path: problem" otherwise."""
     if not isinstance(data, dict):
@@ -228,7 +224,7 @@ def parse_merge_config(data: Any, source: str = "<config>") -> MergeConfig:
     except ValidationError as e:
         errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # a typo explains the rest
         err = errors[0]
-        loc, msg = _loc(err["loc"]), err["msg"].removeprefix("Value error, ")
+        loc, msg = field_path(err["loc"]), err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "key not supported by merge-search merge"
         elif err["type"] == "missing":
@@ -367,7 +363,7 @@ def _lookup(name: str, scopes: Sequence[dict | None], tensor: str, t: float, def
             value = _evaluate(scope[name], tensor, t, name)
             if value is not None:
                 return value
-    if default is None:
+    if default is REQUIRED:
         raise MergeSearchError(f"{method}: no value for parameter {name} ({what})")
     return default
 

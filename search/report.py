@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 
-from search.attrs import BASELINE_METHOD, BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
+from search.attrs import BASELINE_METHOD, BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
 from search.errors import MergeSearchError
 from search.export import to_yaml
 from search.selection import complete_trials, is_pruned, pareto_front, select
@@ -66,7 +66,9 @@ def comparisons(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> 
     """Per trial: paired-bootstrap intervals vs `uniform` and vs the best single source (the
     source with the best dev score), on the search split and on test where re-scored."""
     labelled = {t.user_attrs["label"]: t for t in trials if t.user_attrs.get("label")}
-    sources = [t for label, t in labelled.items() if label != "uniform" and not t.user_attrs.get(BASELINE_METHOD)]
+    models = study.user_attrs.get(MERGE_ATTR, {}).get("models")  # a method's own baselines (t=0...) are not sources
+    sources = [t for label, t in labelled.items() if label != "uniform" and not t.user_attrs.get(BASELINE_METHOD)
+               and (models is None or label in models)]
     best_source = max(sources, key=lambda t: (t.user_attrs.get("dev_score", 0.0), -t.number), default=None)
     refs = {"uniform": labelled.get("uniform"), "best_source": best_source}
     n = study.user_attrs.get(BOOTSTRAP_ATTR, 1000)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import optuna
 
 from search.errors import MergeSearchError
-from search.methods import METHODS
+from search.methods import METHODS, REQUIRED
 
 REST = "rest"  # the cell of tensors no filter matches
 
@@ -74,6 +74,9 @@ class MergeSpace:
         self.method, self.models, self.names = method, dict(models), list(models)
         if not spec.needs_base:
             base = None  # linear has no base: a base_model would be one more input
+        if spec.max_models is not None and spec.max_models - spec.base_row < 2:
+            raise MergeSearchError(f"{method} takes one model: there is nothing to merge or search "
+                                   "(use it in a `slices:` config with merge-search merge)")
         n_in = len(models) + (1 if spec.base_row else 0)
         if spec.max_models is not None and n_in > spec.max_models or n_in < spec.min_models:
             want = spec.max_models - spec.base_row if spec.max_models == spec.min_models else None
@@ -92,13 +95,16 @@ class MergeSpace:
         self.normalize = spec.normalize_default if normalize is None else normalize
         self.model_keys = spec.searched_model_params  # e.g. ("weight", "density")
         self.shared_keys = spec.searched_shared_params  # e.g. ("t",)
-        self.simplex = "weight" in self.model_keys and bool(self.normalize)
+        self.simplex = "weight" in self.model_keys and (bool(self.normalize) or spec.weights_scale_free)
         self.has_density = "density" in self.model_keys
         self.ranges = {k: p.search for k, p in {**spec.model_params, **spec.shared_params}.items()
                        if isinstance(p.search, tuple)}
         self.ranges.update(ranges or {})
         if density_range is not None:
             self.ranges["density"] = tuple(density_range)
+        problem = spec.check_ranges(self.ranges) if spec.check_ranges else None
+        if problem:
+            raise MergeSearchError(f"{method}: {problem}")
         self.weight_range = weight_range
         self.density_range = self.ranges.get("density")
         self.granularity = granularity
@@ -161,7 +167,9 @@ class MergeSpace:
 
     def _neutral(self, key: str) -> float:
         p = self.spec.model_params.get(key) or self.spec.shared_params[key]
-        return p.neutral if p.neutral is not None else p.default if p.default is not None else sum(self._range(key)) / 2
+        if p.neutral is not None:
+            return p.neutral
+        return p.default if p.default is not REQUIRED and p.default is not None else sum(self._range(key)) / 2
 
     def baselines(self) -> list[tuple[str, dict]]:
         """(label, values): the method's baselines (default: each source alone, then the uniform average)."""

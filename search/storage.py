@@ -76,6 +76,9 @@ def storage_kind(url: str) -> str:
     return scheme
 
 
+SCHEMA_RETRIES = 5  # opening a new RDB schema that other workers are creating at the same moment
+
+
 def open_storage(url: str, *, create: bool, heartbeat: tuple[int, int] | None = None):
     """An Optuna storage for `url`, checked first so that every problem is one line naming the
     (masked) URL: an unknown scheme, a missing file (read-only verbs, `create=False`, never make
@@ -124,13 +127,21 @@ def open_storage(url: str, *, create: bool, heartbeat: tuple[int, int] | None = 
             else:
                 retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
         retry.update(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine or None, **retry)
-    except Exception as e:  # sqlalchemy's errors: a server down, a bad database, a damaged file
-        what = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
-        raise MergeSearchError(f"storage {shown!r}: cannot open it ({type(e).__name__}: {what})") from None
+    import time
+
+    for attempt in range(SCHEMA_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine or None, **retry)
+        except Exception as e:  # sqlalchemy's errors: a server down, a bad database, a damaged file
+            # Workers that open a new database at once race to create its schema; the losers see
+            # the winner's tables or types ("already exists") and succeed on a second try.
+            if attempt < SCHEMA_RETRIES and "already exists" in str(getattr(e, "orig", None) or e):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            what = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
+            raise MergeSearchError(f"storage {shown!r}: cannot open it ({type(e).__name__}: {what})") from None
 
 
 def _looks_like_journal(path: Path) -> bool:
@@ -142,3 +153,15 @@ def _looks_like_journal(path: Path) -> bool:
         return isinstance(json.loads(first), dict)
     except ValueError:
         return False
+
+
+def load_existing_study(storage: str, study_name: str) -> optuna.Study:
+    """A study that must exist (read-only verbs: nothing is created when it does not)."""
+    opened = open_storage(storage, create=False)
+    try:
+        return optuna.load_study(study_name=study_name, storage=opened)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
+        raise MergeSearchError(
+            f"no study {study_name!r} in {mask_url(storage)}; studies there: {', '.join(names) or '(none)'}"
+        ) from None

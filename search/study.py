@@ -34,7 +34,7 @@ from search.methods import DTYPES, METHODS
 from search.samplers import make_sampler, sampler_name
 from search.selection import complete_trials, select
 from search.space import MergeSpace
-from search.storage import _file_path, mask_url, open_storage, report_many, storage_kind
+from search.storage import _file_path, load_existing_study, mask_url, open_storage, report_many, storage_kind  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,6 @@ def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> op
     if study.trials:
         study.sampler = sampler(len(study.trials))
     return study
-
-
-def load_existing_study(storage: str, study_name: str) -> optuna.Study:
-    """A study that must exist (read-only verbs: nothing is created when it does not)."""
-    opened = open_storage(storage, create=False)
-    try:
-        return optuna.load_study(study_name=study_name, storage=opened)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-        raise MergeSearchError(
-            f"no study {study_name!r} in {mask_url(storage)}; studies there: {', '.join(names) or '(none)'}"
-        ) from None
 
 
 class SurplusTrial(Exception):
@@ -311,11 +299,8 @@ class Searcher:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         _check_budget(trial, self.cfg.study.n_trials, self.cfg.study.grace_period)
         method = trial.user_attrs.get(BASELINE_METHOD)
-        if method:  # a parameter-free method's row: nothing suggested
-            config = self.method_config(method)
-        else:
-            values = self.space.suggest(trial)
-            config = self.space.to_config(values)
+        values = self.space.suggest(trial)  # a method's row: its enqueued uniform point, recorded
+        config = self.method_config(method) if method else self.space.to_config(values)
         t0 = time.perf_counter()
         self.merger.apply(config)
         t1 = time.perf_counter()
@@ -390,13 +375,27 @@ class Searcher:
     def enqueue_baselines(self, study: optuna.Study) -> None:
         """Each source alone, the uniform average, then each parameter-free method
         (`cfg.baseline_methods`), unless already in the study."""
-        have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
+        trials = study.get_trials(deepcopy=False)
+        have = {t.user_attrs.get("label") for t in trials}
+        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
+                optuna.trial.TrialState.WAITING)
+        room = [self.cfg.study.n_trials - sum(t.state in live for t in trials)]  # a budget below the baselines: the first
+
+        def enqueue(params: dict, attrs: dict) -> None:
+            if room[0] > 0:
+                study.enqueue_trial(params, user_attrs=attrs)
+                room[0] -= 1
+
         for label, values in self.space.baselines():
             if label not in have:
-                study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
+                enqueue(self.space.params_for(values), {"label": label})
+        # A parameter-free method's row carries the uniform point's parameters: samplers model the
+        # intersection of the trials' search spaces, which one trial without parameters would empty
+        # (GP, CMA-ES and multivariate TPE would then sample at random). They see its score there.
+        uniform = dict(self.space.baselines()).get("uniform") or self.space.baselines()[-1][1]
         for method in self.cfg.baseline_methods:
             if method not in have:
-                study.enqueue_trial({}, user_attrs={"label": method, BASELINE_METHOD: method})
+                enqueue(self.space.params_for(uniform), {"label": method, BASELINE_METHOD: method})
 
     def method_config(self, method: str) -> dict:
         """The mergekit configuration of parameter-free `method` over every source (and the base)."""

@@ -10,7 +10,7 @@ import torch
 from search.errors import MergeSearchError
 from search.mergeconfig import TensorRecipe
 from search.methods import (
-    METHODS, check_finite, dare_keep, dare_linear, dare_ties, linear, magnitude_rank, merge_tensor,
+    METHODS, REQUIRED, check_finite, dare_keep, dare_linear, dare_ties, linear, magnitude_rank, merge_tensor,
     method_spec, slerp, task_arithmetic, ties, topk_count,
 )
 
@@ -189,8 +189,10 @@ def test_registry_matches_mergekit_parameters_and_defaults():
         theirs = {p.name: p for p in mk.get(name).spec.parameters}
         assert set(theirs) == set(spec.params), name
         for pname, param in {**spec.model_params, **spec.shared_params}.items():
-            ref = None if theirs[pname].required else theirs[pname].default
-            assert param.default == ref, (name, pname)
+            if theirs[pname].required:
+                assert param.default is REQUIRED, (name, pname)
+            else:
+                assert param.default == theirs[pname].default, (name, pname)
     assert method_spec("ties").normalize_default is True
     assert method_spec("dare_ties").normalize_default is False
     assert method_spec("slerp").normalize_default is None
@@ -208,7 +210,7 @@ def _value(spec, key: str, i: int = 0):
     if isinstance(p.search, tuple):
         lo, hi = p.search
         return lo + (hi - lo) * (0.6 if p.type is float else 0.5)
-    return p.default if p.default is not None else 0.6
+    return p.default if p.default is not REQUIRED and p.default is not None else 0.6
 
 
 def recipe(method: str, n: int = 3, **over) -> TensorRecipe:
@@ -265,7 +267,7 @@ def test_contract_bad_inputs_are_one_line_errors(method):
             merge_tensor(TensorRecipe(**{**r.__dict__, "params": zero}), xs)
     with pytest.raises(MergeSearchError, match=r"unknown merge method 'nope'; known: linear, task_arithmetic"):
         merge_tensor(TensorRecipe(**{**recipe(method).__dict__, "method": "nope"}), xs)
-    nan = xs[1].clone()
+    nan = INPUTS[1].clone()
     nan[2, 3] = float("nan")
     with pytest.raises(MergeSearchError, match=r"tensor w of m1 \(/x/model.safetensors\): 1 NaN/inf"):
         check_finite(nan, "tensor w of m1 (/x/model.safetensors)")
@@ -274,11 +276,18 @@ def test_contract_bad_inputs_are_one_line_errors(method):
 # What each method's math says for equal inputs and for one-hot weights. Methods outside
 # IDENTITY_EXEMPT give x back when every input is x; outside ONE_HOT_EXEMPT, weight 1 on one
 # model and 0 on the others gives that model back (up to float rounding where noted).
-IDENTITY_EXEMPT: dict[str, str] = {}
+IDENTITY_EXEMPT: dict[str, str] = {
+    "passthrough": "the contract's recipe sets scale 0.6 (its default is None) and passthrough returns 0.6·x; "
+                   "scale None gives x back bit for bit (tests/test_method_passthrough.py)",
+}
 ONE_HOT_EXEMPT: dict[str, str] = {
     "ties": "one-hot weights still trim the chosen task vector to its density",
     "dare_linear": "one-hot weights still drop and rescale the chosen task vector",
     "dare_ties": "one-hot weights still drop and rescale the chosen task vector",
+    "breadcrumbs": "one-hot weights still trim the chosen task vector's smallest and largest elements",
+    "breadcrumbs_ties": "one-hot weights still trim the chosen task vector's smallest and largest elements",
+    "della": "one-hot weights still drop (by magnitude rank) and rescale the chosen task vector",
+    "della_linear": "one-hot weights still drop (by magnitude rank) and rescale the chosen task vector",
 }
 
 

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
         "name": "tiny",
         "models": [{"name": f"m{i}", "path": str(p)} for i, p in enumerate(paths)],
         "eval": {"suite": str(suite), "rescore_top": 2, "batch_size": 4},
-        "study": {"n_trials": 6, "seed": 0},
+        "study": {"n_trials": 6, "seed": 0, "baseline_methods": []},  # karcher's row: tests/test_baseline_methods.py
         "device": "cpu",
         "out": str(root / "run"),
     }

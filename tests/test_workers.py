@@ -61,7 +61,7 @@ def test_three_workers_on_a_journal_file_finish_exactly_the_trials_asked(tmp_pat
     finished = [t for t in study.trials if t.state in (TS.COMPLETE, TS.PRUNED)]
     assert len(finished) == 10
     labels = [t.user_attrs.get("label") for t in finished if t.user_attrs.get("label")]
-    assert sorted(labels) == ["m0", "m1", "m2", "uniform"]  # the baselines once
+    assert sorted(labels) == ["karcher", "m0", "m1", "m2", "uniform"]  # the baselines once
     assert "3 workers on journal://" in "".join(done.stderr.split("\n"))  # (tiny trials: the first worker up may run most of them)
     others = [t for t in study.trials if t.state not in (TS.COMPLETE, TS.PRUNED)]
     assert all(t.state == TS.FAIL and t.user_attrs.get("surplus") for t in others)  # extra copies, never scored
@@ -150,7 +150,8 @@ def test_three_workers_on_postgresql_finish_exactly_the_trials_asked(tmp_path, f
     study = _study(postgres_url)
     finished = [t for t in study.trials if t.state in (TS.COMPLETE, TS.PRUNED)]
     assert len(finished) == 10
-    assert sorted(t.user_attrs["label"] for t in finished if t.user_attrs.get("label")) == ["m0", "m1", "m2", "uniform"]
+    assert sorted(t.user_attrs["label"] for t in finished if t.user_attrs.get("label")) == [
+        "karcher", "m0", "m1", "m2", "uniform"]
     assert len({(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in study.trials}) >= 1
     others = [t for t in study.trials if t.state not in (TS.COMPLETE, TS.PRUNED)]
     assert all(t.state == TS.FAIL and t.user_attrs.get("surplus") for t in others)

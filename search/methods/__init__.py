@@ -29,6 +29,17 @@ from torch import Tensor
 from search.errors import MergeSearchError
 from search.methods import dare_linear as _dare_linear
 from search.methods import dare_ties as _dare_ties
+from search.methods import model_stock as _model_stock
+from search.methods import sce as _sce
+from search.methods import breadcrumbs as _breadcrumbs
+from search.methods import breadcrumbs_ties as _breadcrumbs_ties
+from search.methods import della as _della
+from search.methods import della_linear as _della_linear
+from search.methods import nearswap as _nearswap
+from search.methods import passthrough as _passthrough
+from search.methods import karcher as _karcher
+from search.methods import multislerp as _multislerp
+from search.methods import nuslerp as _nuslerp
 from search.methods import linear as _linear
 from search.methods import slerp as _slerp
 from search.methods import task_arithmetic as _task_arithmetic
@@ -52,6 +63,17 @@ METHODS: dict[str, MethodSpec] = {
     "dare_linear": _dare_linear.SPEC,
     "dare_ties": _dare_ties.SPEC,
     "slerp": _slerp.SPEC,
+    "sce": _sce.SPEC,
+    "model_stock": _model_stock.SPEC,
+    "breadcrumbs": _breadcrumbs.SPEC,
+    "breadcrumbs_ties": _breadcrumbs_ties.SPEC,
+    "della": _della.SPEC,
+    "della_linear": _della_linear.SPEC,
+    "nearswap": _nearswap.SPEC,
+    "passthrough": _passthrough.SPEC,
+    "nuslerp": _nuslerp.SPEC,
+    "multislerp": _multislerp.SPEC,
+    "karcher": _karcher.SPEC,
 }
 
 # Value types of every parameter any method takes, validated as mergekit validates them

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from search.errors import MergeSearchError
 
-REQUIRED = None  # a parameter without a default
+class _Required:
+    """The default of a parameter that has none (a config must set it)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()  # a parameter without a default (None is a default: "unset", as passthrough's scale)
 NORMALIZE_EPS = 1e-8  # |sum of weights| below this cannot be normalized by
 RESCALE_EPS = 1e-7  # l1 rescale is skipped when either norm is below this (as mergekit)
 
@@ -107,6 +114,12 @@ class MethodSpec:
     magnitude ranks), cached by the in-memory merger at first use where cache_when(the member's
     parameters) holds, and handed to the tensor function and kernel as `cache`. baselines(model names): the rows every study starts with,
     (label, values of one cell); None: each source alone (one-hot weights), then uniform.
+    weights_scale_free: the merge depends only on the weights' ratios (nuslerp, multislerp), so a
+    search draws them on the simplex as for normalizing methods. base_unsupported: mergekit
+    would use a given base_model (a task-vector mode) that merge-search does not implement; a
+    config naming one is refused in one line rather than merged differently.
+    check_ranges(search ranges by parameter): why some values in them are invalid together
+    (della: density ± epsilon must stay in (0, 1)), or None; checked when a run config is read.
     """
 
     name: str
@@ -122,6 +135,9 @@ class MethodSpec:
     precompute: Callable[[Tensor | None, Tensor], Tensor] | None = None
     cache_when: Callable[[Mapping[str, Any]], bool] = lambda params: True
     baselines: Callable[[Sequence[str]], list[tuple[str, dict[str, list]]]] | None = None
+    check_ranges: Callable[[Mapping[str, tuple[float, float]]], str | None] | None = None
+    weights_scale_free: bool = False  # only the weights' ratios matter: searched on the simplex
+    base_unsupported: bool = False  # mergekit takes an optional base_model (task-vector mode) that we refuse
     reference: str = ""  # the paper
 
     @property
@@ -132,6 +148,13 @@ class MethodSpec:
     @property
     def params(self) -> tuple[str, ...]:
         return (*self.model_params, *self.shared_params)
+
+    def search_ranges(self, overrides: Mapping[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
+        """The (low, high) range of every range-searched parameter, `overrides` over the defaults."""
+        out = {k: tuple(p.search) for k, p in {**self.model_params, **self.shared_params}.items()
+               if isinstance(p.search, tuple)}
+        out.update({k: tuple(v) for k, v in (overrides or {}).items()})
+        return out
 
     @property
     def searched_model_params(self) -> tuple[str, ...]:
