@@ -104,6 +104,8 @@ class SurplusTrial(Exception):
     at once, unscored, with the user attr `surplus`, and this worker stops."""
 
 
+_LIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
+         optuna.trial.TrialState.WAITING)  # trials that count toward the budget, or will
 _COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
@@ -373,29 +375,34 @@ class Searcher:
         return tick
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        """Each source alone, the uniform average, then each parameter-free method
-        (`cfg.baseline_methods`), unless already in the study."""
+        """Each source alone and the uniform average, unless already in the study. The
+        parameter-free methods' rows come last (`enqueue_method_rows`), so that they never
+        steer the search."""
         trials = study.get_trials(deepcopy=False)
         have = {t.user_attrs.get("label") for t in trials}
-        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
-                optuna.trial.TrialState.WAITING)
-        room = [self.cfg.study.n_trials - sum(t.state in live for t in trials)]  # a budget below the baselines: the first
-
-        def enqueue(params: dict, attrs: dict) -> None:
-            if room[0] > 0:
-                study.enqueue_trial(params, user_attrs=attrs)
-                room[0] -= 1
-
+        room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)  # a budget below the baselines: the first
         for label, values in self.space.baselines():
-            if label not in have:
-                enqueue(self.space.params_for(values), {"label": label})
-        # A parameter-free method's row carries the uniform point's parameters: samplers model the
-        # intersection of the trials' search spaces, which one trial without parameters would empty
-        # (GP, CMA-ES and multivariate TPE would then sample at random). They see its score there.
+            if label not in have and room > 0:
+                study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
+                room -= 1
+        self.enqueue_method_rows(study)
+
+    def enqueue_method_rows(self, study: optuna.Study) -> None:
+        """The rows of `cfg.baseline_methods` not in the study yet, once the budget has just room
+        for them (at the end of the search; at once when the budget is that small).
+
+        Such a row carries the uniform point's parameters: samplers model the intersection of the
+        trials' search spaces, which one trial without parameters would empty (GP, CMA-ES and
+        multivariate TPE would then sample at random)."""
+        trials = study.get_trials(deepcopy=False)
+        have = {t.user_attrs.get("label") for t in trials}
+        todo = [m for m in self.cfg.baseline_methods if m not in have]
+        room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)
+        if not todo or room > len(todo):
+            return
         uniform = dict(self.space.baselines()).get("uniform") or self.space.baselines()[-1][1]
-        for method in self.cfg.baseline_methods:
-            if method not in have:
-                enqueue(self.space.params_for(uniform), {"label": method, BASELINE_METHOD: method})
+        for method in todo[:max(room, 0)]:
+            study.enqueue_trial(self.space.params_for(uniform), user_attrs={"label": method, BASELINE_METHOD: method})
 
     def method_config(self, method: str) -> dict:
         """The mergekit configuration of parameter-free `method` over every source (and the base)."""
@@ -517,7 +524,8 @@ def run_search(
                      cfg.study.n_trials - remaining, remaining, sampler_name(study.sampler))
             # journal: the only way; RDB: also a death before the first heartbeat
             recover_dead_trials(study, cfg.study.grace_period)
-            callbacks = [_stop_when_done(cfg.study.n_trials)] + ([on_trial] if on_trial else [])
+            callbacks = [_stop_when_done(cfg.study.n_trials), lambda study, _: searcher.enqueue_method_rows(study)]
+            callbacks += [on_trial] if on_trial else []
             optuna.logging.get_logger("optuna.study._optimize").addFilter(_quiet_surplus)
             study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks,
                            catch=(SurplusTrial,))
