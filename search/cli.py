@@ -259,7 +259,7 @@ def _run_workers(cfg, config: str | None, workers: int, search_on_test: bool, de
     open_storage(cfg.storage_url, create=True)  # the schema once, before the workers race to make it
     procs = []
     for i in range(workers):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MERGE_SEARCH_WORKERS=str(workers))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         procs.append(subprocess.Popen(args, env=env))

@@ -104,6 +104,7 @@ class SurplusTrial(Exception):
     at once, unscored, with the user attr `surplus`, and this worker stops."""
 
 
+WORKERS_ENV = "MERGE_SEARCH_WORKERS"  # set by `run --workers K` for its worker processes
 _LIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
          optuna.trial.TrialState.WAITING)  # trials that count toward the budget, or will
 _COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
@@ -398,7 +399,9 @@ class Searcher:
         have = {t.user_attrs.get("label") for t in trials}
         todo = [m for m in self.cfg.baseline_methods if m not in have]
         room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)
-        if not todo or room > len(todo):
+        # workers of one `run --workers K` may each take a slot between two of these checks
+        others = max(0, int(os.environ.get(WORKERS_ENV, "1")) - 1)
+        if not todo or room > len(todo) + others:
             return
         uniform = dict(self.space.baselines()).get("uniform") or self.space.baselines()[-1][1]
         for method in todo[:max(room, 0)]:
