@@ -257,7 +257,17 @@ class InMemoryMerger:
             if args is not None:
                 self._kernel(rec.method)(*args, self.out[seg.offset : seg.offset + seg.numel])
                 return
-        merged = merge_tensor(rec, tensors, out_dtype=self.dtype, cache=cache)
+        group = None
+        if spec.precompute_group is not None and spec.group_cache_when(rec.shared):
+            key = (rec.method, "group", index, rows)
+            if key not in self._cache:
+                idx = members(spec, rec)
+                rank, count = spec.precompute_group(tensors[rec.base] if rec.base is not None else None,
+                                                    [tensors[k] for k in idx])
+                self._cache[key] = (rank.to(self.buffer.device), count)
+            rank, count = self._cache[key]
+            group = (rank.to(self.device, non_blocking=True), count)
+        merged = merge_tensor(rec, tensors, out_dtype=self.dtype, cache=cache, group_cache=group)
         self.out[seg.offset : seg.offset + seg.numel].copy_(merged.reshape(-1))
 
     def _cached(self, index: int, rows: tuple[int, ...], k: int, rec: TensorRecipe, tensors) -> object:

@@ -143,3 +143,41 @@ def test_exported_search_config_merges_identically_in_mergekit(fam, tmp_path):
     theirs, ours = run_both(config, tmp_path)
     total, differ, _ = compare(theirs, ours)
     assert differ == 0, f"{differ} of {total} elements differ"
+
+
+def test_the_in_memory_merger_caches_sces_ranks_once_per_tensor(tmp_path):
+    """The variance ranks depend only on the sources: computed at the first merge with
+    select_topk < 1, reused at any other select_topk, none kept for select_topk 1; the merges
+    equal the tensor function's without the cache (merge-search merge)."""
+    from search.checkpoints import open_checkpoint
+    from search.merger import InMemoryMerger
+    from search.methods import merge_tensor
+    from search.mergeconfig import parse_merge_config, resolve
+    from tiny import make_family, save_tiny_model
+
+    paths = make_family(tmp_path / "m", n=3)
+    base = save_tiny_model(tmp_path / "m" / "base", seed=7)
+    merger = InMemoryMerger([open_checkpoint(f"m{i}", p) for i, p in enumerate(paths)],
+                            base=open_checkpoint("base", base))
+
+    def config(k):
+        return {"merge_method": "sce", "base_model": str(base), "parameters": {"select_topk": k},
+                "models": [{"model": str(p)} for p in paths]}
+
+    merger.apply(config(1.0))
+    assert not [k for k in merger._cache if k[1] == "group"]
+    merger.apply(config(0.5))
+    groups = [k for k in merger._cache if k[1] == "group"]
+    assert len(groups) == len(merger.segments)  # one per tensor, for all three models at once
+    for k in (0.3, 0.5):
+        merger.apply(config(k))
+        assert len([k for k in merger._cache if k[1] == "group"]) == len(groups)
+        cfg = parse_merge_config(config(k))
+        name = "model.layers.0.mlp.up_proj.weight"
+        rec = resolve(cfg, name, merger.num_layers)
+        from safetensors.torch import load_file
+
+        tensors = [load_file(str(p / "model.safetensors"))[name] for p in (*paths, base)]
+        order = {str(p): t for p, t in zip((*paths, base), tensors)}
+        want = merge_tensor(rec, [order[m] for m in rec.models])
+        assert torch.equal(merger.model.state_dict()[name], want)

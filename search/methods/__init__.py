@@ -134,18 +134,19 @@ def check_recipe(recipe) -> None:
 
 
 def merge_inputs(recipe, tensors: Sequence[Tensor], *, out_dtype: torch.dtype | None = None, seed: int = 0,
-                 cache: Sequence[Any] | None = None) -> MergeInputs:
+                 cache: Sequence[Any] | None = None, group_cache: Any = None) -> MergeInputs:
     """The MergeInputs of `recipe` over `tensors` (tensors[i] read from recipe.models[i]);
     cache: per model of the recipe (None for the base), see MethodSpec.precompute."""
     spec = METHODS[recipe.method]
     idx = members(spec, recipe)
     return MergeInputs(base=tensors[recipe.base] if spec.needs_base else None, tensors=[tensors[i] for i in idx],
                        params=[recipe.params[i] for i in idx], shared=recipe.shared, out_dtype=out_dtype, seed=seed,
-                       name=recipe.tensor, indices=idx, cache=None if cache is None else [cache[i] for i in idx])
+                       name=recipe.tensor, indices=idx, cache=None if cache is None else [cache[i] for i in idx],
+                       group_cache=group_cache)
 
 
 def merge_tensor(recipe, tensors: Sequence[Tensor], *, out_dtype: torch.dtype | None = None,
-                 seed: int = 0, cache: Sequence[Any] | None = None) -> Tensor:
+                 seed: int = 0, cache: Sequence[Any] | None = None, group_cache: Any = None) -> Tensor:
     """Merge one tensor as `recipe` (a TensorRecipe) says; `tensors[i]` is read from recipe.models[i].
 
     seed: random methods' seed (see dare_linear.py). cache: per model, the method's precomputed
@@ -154,7 +155,8 @@ def merge_tensor(recipe, tensors: Sequence[Tensor], *, out_dtype: torch.dtype | 
     check_recipe(recipe)
     if len(tensors) != len(recipe.models):
         raise MergeSearchError(f"{recipe.method}: {len(tensors)} tensors for {len(recipe.models)} models")
-    return METHODS[recipe.method].merge(merge_inputs(recipe, tensors, out_dtype=out_dtype, seed=seed, cache=cache))
+    return METHODS[recipe.method].merge(merge_inputs(recipe, tensors, out_dtype=out_dtype, seed=seed, cache=cache,
+                                                     group_cache=group_cache))
 
 
 __all__ = [

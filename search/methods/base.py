@@ -65,6 +65,7 @@ class MergeInputs:
     name: str = ""  # the tensor's name (random methods seed by it)
     indices: Sequence[int] = ()  # each member's index in the recipe, the base included
     cache: Sequence[Any] | None = None  # per member: spec.precompute(base, x), where it applies
+    group_cache: Any = None  # spec.precompute_group(base, members), where it applies
 
     def per_model(self, key: str) -> list:
         return [p[key] for p in self.params]
@@ -112,7 +113,10 @@ class MethodSpec:
     function draws from a generator seeded by (seed, tensor name, model index).
     precompute(base, x): per member and tensor, work that depends only on the sources (TIES'
     magnitude ranks), cached by the in-memory merger at first use where cache_when(the member's
-    parameters) holds, and handed to the tensor function and kernel as `cache`. baselines(model names): the rows every study starts with,
+    parameters) holds, and handed to the tensor function and kernel as `cache`.
+    precompute_group(base, members): the same for work over all members of a tensor at once
+    (sce's variance ranks), once per tensor where group_cache_when(the shared parameters)
+    holds, handed over as `group_cache`. baselines(model names): the rows every study starts with,
     (label, values of one cell); None: each source alone (one-hot weights), then uniform.
     weights_scale_free: the merge depends only on the weights' ratios (nuslerp, multislerp), so a
     search draws them on the simplex as for normalizing methods. base_unsupported: mergekit
@@ -134,6 +138,8 @@ class MethodSpec:
     kernel: Kernel | None = None
     precompute: Callable[[Tensor | None, Tensor], Tensor] | None = None
     cache_when: Callable[[Mapping[str, Any]], bool] = lambda params: True
+    precompute_group: Callable[[Tensor | None, Sequence[Tensor]], Any] | None = None
+    group_cache_when: Callable[[Mapping[str, Any]], bool] = lambda shared: True
     baselines: Callable[[Sequence[str]], list[tuple[str, dict[str, list]]]] | None = None
     check_ranges: Callable[[Mapping[str, tuple[float, float]]], str | None] | None = None
     weights_scale_free: bool = False  # only the weights' ratios matter: searched on the simplex

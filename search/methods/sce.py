@@ -19,7 +19,8 @@ What a cache could hold: the selection depends only on the task vectors, through
 over all members jointly, so its rank (`variance_rank`, int32: 4 bytes per element and tensor,
 once for all members) makes a trial's selection at any select_topk a comparison instead of a var
 and a top-k. `MethodSpec.precompute` is per member (base, x) and cannot see the other members,
-so nothing is cached yet: `sce(..., ranks=...)` takes the rank once the merger can hand it over.
+so it goes through `precompute_group`: the in-memory merger computes the rank once per tensor
+and hands it to `sce(..., ranks=...)` as the group cache.
 """
 
 from __future__ import annotations
@@ -97,7 +98,16 @@ def sce(base: Tensor, tensors: Sequence[Tensor], select_topk: float = 1.0, *,
 
 
 def _merge(inp: MergeInputs) -> Tensor:
-    return sce(inp.base, inp.tensors, float(inp.shared["select_topk"]), out_dtype=inp.out_dtype)
+    return sce(inp.base, inp.tensors, float(inp.shared["select_topk"]), ranks=inp.group_cache, out_dtype=inp.out_dtype)
+
+
+def _precompute_group(base: Tensor, tensors: Sequence[Tensor]) -> tuple[Tensor, int]:
+    deltas, _ = task_vectors("sce", base, tensors, [1.0] * len(tensors), None, False)
+    return variance_rank(deltas)
+
+
+def _group_cache_when(shared) -> bool:
+    return float(shared.get("select_topk", 1.0)) < 1  # select_topk 1 selects everything
 
 
 def _baselines(names):
@@ -107,7 +117,7 @@ def _baselines(names):
 
 SPEC = MethodSpec(
     name="sce", merge=_merge, needs_base=True, min_models=1, max_models=None,
-    model_params={},
+    model_params={}, precompute_group=_precompute_group, group_cache_when=_group_cache_when,
     shared_params={"select_topk": Param(float, 1.0, search=(0.1, 1.0), neutral=1.0),
                    "int8_mask": Param(bool, False)},  # the mask's dtype in mergekit: no effect on values
     baselines=_baselines,
