@@ -16,7 +16,6 @@ import os
 import random
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from search.methods import DTYPES, METHODS
 from search.samplers import make_sampler, sampler_name
 from search.selection import complete_trials, select
 from search.space import MergeSpace
+from search.pruning import PairedWilcoxonPruner, stopped_estimate
 from search.storage import _file_path, load_existing_study, mask_url, open_storage, report_many, storage_kind  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,7 @@ def create_study(cfg: RunConfig, space: MergeSpace, pruning: bool = False) -> op
                             n_objectives=n_objectives,
                             constraints=_constraints if cfg.eval.constraints and not SET_CONSTRAINT else None)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner = (optuna.pruners.WilcoxonPruner(p_threshold=cfg.study.prune_threshold) if pruning
-                  else optuna.pruners.NopPruner())
+    pruner = PairedWilcoxonPruner(cfg.study.prune_threshold) if pruning else optuna.pruners.NopPruner()
     study = optuna.create_study(
         storage=storage, study_name=cfg.study_name, directions=["maximize"] * n_objectives,
         sampler=sampler(0), pruner=pruner, load_if_exists=True,
@@ -348,18 +345,21 @@ class Searcher:
             return suite.score(self.merger.model, **listen)
         order = random.Random(trial.number).sample(range(suite.n_shards), suite.n_shards)
         baseline = trial.user_attrs.get("label") is not None  # always scored fully
-        seen, result = 0, None
+        reported, result = {}, None
         for shard in suite.score_shards(self.merger.model, order, **listen):
             t0 = time.perf_counter()
-            report_many(trial, {suite.example_index[k]: v for k, v in shard.examples.items()})
-            seen += len(shard.examples)
+            values = {suite.example_index[k]: v for k, v in shard.examples.items()}
+            report_many(trial, values)
+            reported.update(values)
             result = shard.result
-            stop = not baseline and seen < len(suite.example_keys) and trial.should_prune()
+            stop = not baseline and len(reported) < len(suite.example_keys) and trial.should_prune()
             report_s[0] += time.perf_counter() - t0
             if stop:
-                trial.set_user_attr("seen", seen / len(suite.example_keys))
-                log.info("trial %d stopped after %d of %d examples", trial.number, seen, len(suite.example_keys))
-                break
+                trial.set_user_attr("seen", len(reported) / len(suite.example_keys))
+                log.info("trial %d stopped after %d of %d examples", trial.number, len(reported),
+                         len(suite.example_keys))
+                # its value: the paired estimate, below the best trial's (pruning.py)
+                return dataclasses.replace(result, objective=stopped_estimate(trial.study, reported, result.objective))
         return result
 
     def _ticker(self, suite: EvalSuite):

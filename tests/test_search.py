@@ -16,7 +16,9 @@ from search.cli import main
 from search.config import load_config
 from search.report import leaderboard_rows, selected_trial
 from search.samplers import GP_MAX_PARAMS, SAMPLERS, auto_sampler, gp_startup, make_sampler, sampler_name
-from search.selection import pareto_front, select, smoothed
+from evaluation.suite import SuiteResult
+from search.pruning import PairedWilcoxonPruner, stopped_estimate
+from search.selection import ROBUST_RADII, ROBUST_RADIUS, pareto_front, robust_radius, select, selection_radius, smoothed
 from search.space import MergeSpace
 from search.study import Searcher, run_search
 from search.uncertainty import paired_bootstrap, weighted_score
@@ -84,10 +86,13 @@ class _FakeSuite:
 
     def score_shards(self, model, order):
         self.order.append(list(order))
+        self.seen = {}
         for index in order:
             keys = self.example_keys[index::self.n_shards]
             examples = {k: float((0.618 * self.example_index[k]) % 1 < model.q) for k in keys}
-            yield SimpleNamespace(examples=examples, result=SimpleNamespace(score=model.q, tasks={}))
+            self.seen.update(examples)
+            mean = sum(self.seen.values()) / len(self.seen)
+            yield SimpleNamespace(examples=examples, result=SuiteResult(score=mean, tasks={}, objective=mean))
 
 
 def test_the_wilcoxon_pruner_stops_a_clearly_worse_candidate_and_never_a_baseline():
@@ -97,12 +102,9 @@ def test_the_wilcoxon_pruner_stops_a_clearly_worse_candidate_and_never_a_baselin
 
     def objective(trial):
         model.q = trial.suggest_float("q", 0, 1)
-        searcher._score(trial, suite, [0.0])
-        return model.q
+        return searcher._score(trial, suite, [0.0]).objective
 
-    with pytest.warns(optuna.exceptions.ExperimentalWarning):
-        pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1)
-    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study = optuna.create_study(direction="maximize", pruner=PairedWilcoxonPruner(0.1))
     study.enqueue_trial({"q": 0.9})
     study.enqueue_trial({"q": 0.2}, user_attrs={"label": "m0"})  # a baseline: scored fully
     study.enqueue_trial({"q": 0.2})  # the same candidate, not a baseline: stopped early
@@ -114,7 +116,12 @@ def test_the_wilcoxon_pruner_stops_a_clearly_worse_candidate_and_never_a_baselin
     assert len(study.trials[1].intermediate_values) == 120  # every example reported at its stable index
     assert sorted(study.trials[0].intermediate_values) == list(range(120))
     seen = study.trials[2].user_attrs["seen"]
-    assert 0 < seen < 0.5 and len(study.trials[2].intermediate_values) == round(seen * 120)
+    stopped, best = study.trials[2], study.trials[0]
+    assert 0 < seen < 0.5 and len(stopped.intermediate_values) == round(seen * 120)
+    # its value: the best's plus the mean difference to the best on the examples it saw
+    diff = [v - best.intermediate_values[s] for s, v in stopped.intermediate_values.items()]
+    assert stopped.value == pytest.approx(best.value + sum(diff) / len(diff), abs=1e-12)
+    assert stopped.value < best.value and study.best_trial.number == 0
     # each trial ran the shards in an order seeded by its number: reproducible, not all alike
     assert suite.order[0] != suite.order[1] and len({tuple(o) for o in suite.order}) > 1
     assert all(sorted(o) == list(range(8)) for o in suite.order)
@@ -187,6 +194,70 @@ def test_robust_selection_prefers_a_plateau_to_a_lone_spike():
     # a trial with (next to) no neighbours is pulled halfway to the median (one pseudo-neighbour there)
     values = [t.value for t in trials]
     assert smoothed(trials, values)[0] == pytest.approx((0.95 + np.median(values)) / 2, abs=1e-4)
+
+
+def _line_trials(per_example: np.ndarray) -> list[optuna.trial.FrozenTrial]:
+    """Candidates on the edge (x, 1 - x, 0) of the simplex, x evenly spaced, with their per-example scores."""
+    xs = np.linspace(0.2, 0.8, len(per_example))
+    trials = [optuna.trial.create_trial(value=float(e.mean()), user_attrs={
+        "cells": {"g0.rest": {"weight": [float(x), float(1 - x), 0.0]}}, "examples": {"score": e.tolist()}})
+        for x, e in zip(xs, per_example)]
+    for i, t in enumerate(trials):
+        t.number = i
+    return trials
+
+
+def test_robust_radius_is_cross_validated_on_the_search_examples():
+    xs = np.linspace(0.2, 0.8, 40)
+    truth = 0.75 + 0.1 * np.exp(-((xs - 0.5) ** 2) / (2 * 0.1 ** 2))  # a broad hill, peak 0.85 at x = 0.5
+    picked = {"robust": [], "best_dev": []}
+    for seed in range(8):
+        # noisy: each candidate's 60 examples drawn on their own, so its dev arg-max is partly luck
+        rng = np.random.default_rng(seed)
+        noisy = _line_trials((rng.random((40, 60)) < truth[:, None]).astype(float))
+        r = robust_radius(noisy)
+        assert r > 0 and r in ROBUST_RADII, seed
+        assert robust_radius(noisy) == selection_radius(noisy, "robust") == r  # seeded
+        for policy in picked:
+            picked[policy].append(truth[select(noisy, policy).number])
+    # smoothing as much as cross-validation says finds points truly nearer the peak
+    assert np.mean(picked["robust"]) > np.mean(picked["best_dev"]) + 0.005
+    # noiseless: every example of a candidate scores its true value; smoothing can only lose
+    exact = _line_trials(np.repeat(truth[:, None], 200, axis=1))
+    assert robust_radius(exact) == 0.0
+    assert select(exact, "robust").number == select(exact, "best_dev").number == int(np.argmax(truth))
+    assert selection_radius(exact, "robust") == 0.0 and selection_radius(exact, "best_dev") is None
+    # without per-example scores on every candidate: the fixed radius
+    bare = _trials([([0.5, 0.5, 0.0], 0.9), ([0.4, 0.6, 0.0], 0.8)])
+    assert robust_radius(bare) == ROBUST_RADIUS
+
+
+def test_the_paired_pruner_stops_a_trial_worse_on_every_example_of_an_easy_subset():
+    # the best trial: 16 easy examples at 1.0, 84 hard ones at 0.5 (mean 0.58)
+    values = {i: 1.0 if i < 16 else 0.5 for i in range(100)}
+    best = optuna.trial.create_trial(value=sum(values.values()) / 100, intermediate_values=values)
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        optunas = optuna.pruners.WilcoxonPruner(p_threshold=0.1)
+    for pruner, stops in ((PairedWilcoxonPruner(0.1), True), (optunas, False)):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        study.add_trial(best)
+        trial = study.ask()
+        for i in range(16):  # the easy examples first: 0.9 each, below the best on every one
+            trial.report(0.9, i)
+        # Optuna's safety check compares 0.9 (this subset) with 0.58 (all of the best's) and keeps it
+        assert trial.should_prune() is stops, type(pruner).__name__
+        assert stopped_estimate(study, {i: 0.9 for i in range(16)}, 0.9) == pytest.approx(0.58 - 0.1)
+    # not worse on the examples seen, or too few of them: kept
+    study = optuna.create_study(direction="maximize", pruner=PairedWilcoxonPruner(0.1))
+    study.add_trial(best)
+    trial = study.ask()
+    trial.report(0.4, 50)
+    assert not trial.should_prune()  # one example: no test
+    for i in range(16):
+        trial.report(1.0, i)
+    assert not trial.should_prune()  # 16 ties and one worse: mean diff < 0, but p is far above 0.1
+    with pytest.raises(ValueError, match="p_threshold"):
+        PairedWilcoxonPruner(1.5)
 
 
 def test_pareto_front_is_the_non_dominated_set():
