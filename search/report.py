@@ -21,7 +21,7 @@ import optuna
 from search.attrs import BASELINE_METHOD, BOOTSTRAP_ATTR, EVAL_ATTR, EXAMPLES_ATTR, MERGE_ATTR, SCORE, SELECT_ATTR, TEST_ATTR
 from search.errors import MergeSearchError
 from search.export import to_yaml
-from search.selection import complete_trials, is_pruned, pareto_front, select
+from search.selection import complete_trials, is_pruned, pareto_front, select, selection_radius
 from search.uncertainty import paired_bootstrap
 
 FORMATS = ("md", "csv", "json")
@@ -303,6 +303,7 @@ def write_outputs(study: optuna.Study, out_dir: Path) -> tuple[dict, list[dict]]
         "trial": best.number,
         "label": best.user_attrs.get("label") or f"trial {best.number}",
         "select": study.user_attrs.get(SELECT_ATTR, "best_dev"),  # how it was chosen (search split only)
+        "select_radius": selection_radius(complete_trials(study), study.user_attrs.get(SELECT_ATTR, "best_dev")),
         "weights": best.user_attrs["weights"],
         "dev_score": best.user_attrs.get("dev_score"),
         "test_score": test["score"] if test else None,
