@@ -8,8 +8,10 @@
 - `robust` (default): the arg-max of a smoothed search score, smoothed as much as the search
   split itself says helps. Each fully scored candidate's value is replaced by a kernel-weighted
   mean of the values of the candidates around it (a Gaussian in the derived weights, radius r
-  in RMS weight units per cell), with one pseudo-neighbour at the median value, so that a lone
-  spike is pulled down and a point on a broad high plateau is preferred. r is chosen among
+  in RMS weight units per cell), so that a spike among low neighbours is pulled down and a
+  point on a broad high plateau is preferred; a candidate with no neighbours keeps its value
+  (nothing says it is luck: an earlier pull towards the median value demoted the best of a
+  short study's few candidates for having fewer neighbours than `uniform`). r is chosen among
   `ROBUST_RADII` (0: no smoothing, the arg-max) by cross-validation over the search split's
   examples: over `CV_REPEATS` seeded random halvings, the candidates are ranked on one half's
   examples and the pick is scored on the other half (plain means of the per-example scores,
@@ -37,7 +39,6 @@ ROBUST_RADIUS = 0.1  # RMS distance over the cells' weight vectors at which a ne
 ROBUST_RADII = (0.0, 0.02, 0.05, 0.1, 0.2)  # the radii cross-validation chooses from
 CV_REPEATS = 10  # random halvings of the search split (each half ranks, the other scores)
 CV_SEED = 0
-PRIOR_WEIGHT = 1.0  # pseudo-neighbours at the median value (shrinks candidates with no neighbours)
 
 
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -76,7 +77,7 @@ def _kernel(trials: Sequence[optuna.trial.FrozenTrial], radius: float) -> np.nda
 
 
 def _smooth(k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (k @ v + PRIOR_WEIGHT * np.median(v)) / (k.sum(1) + PRIOR_WEIGHT)
+    return (k @ v) / k.sum(1)
 
 
 def smoothed(trials: Sequence[optuna.trial.FrozenTrial], values: Sequence[float],

@@ -183,17 +183,21 @@ def _trials(points: list[tuple[list[float], float]]) -> list[optuna.trial.Frozen
     return trials
 
 
-def test_robust_selection_prefers_a_plateau_to_a_lone_spike():
-    spike = ([0.9, 0.05, 0.05], 0.95)
+def test_robust_selection_prefers_a_plateau_to_a_spike_among_low_neighbours():
+    spike = ([0.62, 0.0, 0.38], 0.95)
     plateau = [([0.3, 0.3, 0.4], 0.90), ([0.32, 0.3, 0.38], 0.90), ([0.3, 0.32, 0.38], 0.91)]
-    # the rest of a study: sources alone and explored points, well below the top
-    low = [([0.05, 0.9, 0.05], 0.5), ([0.05, 0.05, 0.9], 0.6), ([0.6, 0.0, 0.4], 0.55), ([0.0, 0.6, 0.4], 0.62)]
+    # the rest of a study: sources alone and explored points, well below the top, two of them by the spike
+    low = [([0.05, 0.9, 0.05], 0.5), ([0.05, 0.05, 0.9], 0.6), ([0.6, 0.0, 0.4], 0.55), ([0.64, 0.0, 0.36], 0.5)]
     trials = _trials([spike, *plateau, *low])
     assert select(trials, "best_dev").number == 0
-    assert select(trials, "robust").number == 3
-    # a trial with (next to) no neighbours is pulled halfway to the median (one pseudo-neighbour there)
+    assert select(trials, "robust").number == 3  # no per-example scores: the fixed radius 0.1
     values = [t.value for t in trials]
-    assert smoothed(trials, values)[0] == pytest.approx((0.95 + np.median(values)) / 2, abs=1e-4)
+    s = smoothed(trials, values)
+    # the spike: the kernel-weighted mean with its two neighbours (distances 0.028 and 0.028)
+    k = math.exp(-(0.02 ** 2 * 2) / (2 * 0.1 ** 2))
+    assert s[0] == pytest.approx((0.95 + k * 0.55 + k * 0.5) / (1 + 2 * k), abs=2e-3)
+    # a candidate with no neighbours keeps its value
+    assert smoothed(_trials([([1.0, 0.0, 0.0], 0.4), ([0.0, 1.0, 0.0], 0.8)]), [0.4, 0.8]) == pytest.approx([0.4, 0.8])
 
 
 def _line_trials(per_example: np.ndarray) -> list[optuna.trial.FrozenTrial]:
