@@ -51,9 +51,10 @@ def test_bench_search_quick_reports_every_figure(demo_family, tmp_path, monkeypa
         if reached == 0:
             assert v == budget["sampler_budget"] + 1, name
 
-    assert 0 < fig["pruning_examples_fraction"] <= 1
-    assert fig["pruning_same_winner"] in (0.0, 0.5, 1.0)
-    assert fig["pruning_winner_not_worse"] >= fig["pruning_same_winner"]  # the same winner is never worse
+    for kind in ("", "free_"):
+        assert 0 < fig[f"pruning_{kind}examples_fraction"] <= 1
+        assert fig[f"pruning_{kind}same_winner"] in (0.0, 0.5, 1.0)
+    assert fig["pruning_winner_not_worse"] >= fig["pruning_free_same_winner"]  # the same winner is never worse
     # on SQLite each shard's reports are one commit: a real cost, well under a second a trial
     assert 0 < fig["report_ms_per_trial"] < 1000 and fig["report_ms_per_trial_in_memory"] >= 0
     assert 0 < fig["trial_overhead_ms"] < 5000 and fig["trial_overhead_ms_in_memory"] >= 0

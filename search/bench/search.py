@@ -15,21 +15,28 @@ primary score; medians over seeds):
 - `trials_to_99pct` {sampler: trials}: trials (baselines included) until one reaches 99% of
   the grid's dev optimum, each study stopped there; `sampler_budget` + 1 when never reached
   (`trials_to_99pct_reached` counts the seeds that did). `auto` is `auto_sampler`'s pick
-  (`auto_sampler`), measured once under its own name.
-- pruning, sampler auto, `study_trials` trials, Wilcoxon vs none: `pruning_examples_fraction`,
-  the examples scored with pruning over those without (a pruned trial counts the share it
-  saw); `pruning_same_winner`, the share of seeds whose best dev trial has the same weights or
-  the same dev score either way; `pruning_winner_not_worse`, the share whose pruned-study winner
-  is not significantly below the unpruned one on dev (paired bootstrap, 95%): the two studies
-  propose different points once a stopped trial's estimate differs from the full score, so two
-  winners one example apart count as different above; `report_ms_per_trial`, the per-trial time spent reporting
-  per-example values and asking the pruner (SQLite, as in `run`; `_in_memory` alongside).
+  (`auto_sampler`), measured once under its own name. The studies optimise the demo config's
+  `eval.search_metric` (`search_metric`; the target is always dev acc);
+  `auto_trials_to_99pct_by_metric` has auto's figure on either metric.
+- pruning, sampler auto, `study_trials` trials on the demo's search metric, Wilcoxon vs none. `pruning_examples_fraction`
+  and `pruning_same_winner` replay each unpruned study's candidates, in its order and with its
+  trial numbers, with the pruner on: the examples scored over those without (a stopped trial
+  counts the share it saw), and the share of seeds whose best fully scored candidate is the
+  same (or scores the same). `pruning_free_*`: the same for a study that runs with the pruner
+  from the start; its sampler sees the stopped trials' estimates and proposes other points, so
+  its winner can differ without the pruner having stopped the other study's winner;
+  `pruning_winner_not_worse` is the share of seeds whose free-running winner is not
+  significantly below the unpruned one on dev (paired bootstrap, 95%). `report_ms_per_trial`:
+  the per-trial time spent reporting per-example values and asking the pruner (SQLite, as in
+  `run`; `_in_memory` alongside).
 - `selection` {policy: {test_median, regret_median}}: the candidate each policy picks from a
-  sampler-auto study (best_dev, robust on the acc study; +smooth: the study that optimises the
-  mean answer log-probability), scored on test; regret = `test_optimum` - its test acc.
+  sampler-auto study (best_dev, robust: the study that optimises acc; +smooth: the one that
+  optimises the mean answer log-probability), scored on test; regret = `test_optimum` - its
+  test acc.
   `selection_layerwise`: the same with one weight set per layer (granularity 1).
 - `trial_overhead_ms`: per trial, wall time minus merge and eval (sampler, storage, reports)
-  in a SQLite study like `run`'s (the demo setup, pruning on); `_in_memory` for the acc studies.
+  in a SQLite study like `run`'s (the demo setup, pruning on); `_in_memory` for the unpruned
+  studies.
 - `goals`: auto within 15 trials; pruning at most half the examples with the same winner on
   every seed; robust's regret at most 1 point and not above best_dev's, globally and per layer.
 """
@@ -43,7 +50,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -105,10 +111,9 @@ def _study(s, sampler: str, seed: int, prune_threshold: float | None = None) -> 
     """An in-memory study with the baselines enqueued, as `run` starts one (Wilcoxon pruning if a threshold)."""
     from search.samplers import make_sampler
 
-    with warnings.catch_warnings():  # WilcoxonPruner is "experimental"
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner = (optuna.pruners.WilcoxonPruner(p_threshold=prune_threshold) if prune_threshold
-                  else optuna.pruners.NopPruner())
+    from search.pruning import PairedWilcoxonPruner
+
+    pruner = PairedWilcoxonPruner(prune_threshold) if prune_threshold else optuna.pruners.NopPruner()
     study = optuna.create_study(direction="maximize", pruner=pruner,
                                 sampler=make_sampler(sampler, seed, n_params=s.space.n_params))
     s.enqueue_baselines(study)
@@ -128,6 +133,23 @@ def _trials_to(s, sampler: str, seed: int, target: float, budget: int) -> int:
     return min(hit) if hit else budget + 1
 
 
+def _replay(s, plain: optuna.Study, threshold: float) -> optuna.Study:
+    """`plain`'s candidates again, in the same order and with the same trial numbers (so the same
+    example orders), scored with Wilcoxon pruning: what pruning saves and whether it stops the
+    winner, with the sampler's reaction to pruned estimates taken out."""
+    from search.attrs import BASELINE_METHOD
+    from search.pruning import PairedWilcoxonPruner
+
+    study = optuna.create_study(direction="maximize", pruner=PairedWilcoxonPruner(threshold),
+                                sampler=optuna.samplers.RandomSampler(0))
+    trials = sorted(_finished(plain), key=lambda t: t.number)
+    for t in trials:
+        attrs = {k: v for k, v in t.user_attrs.items() if k in ("label", BASELINE_METHOD)}
+        study.enqueue_trial(t.params, user_attrs=attrs)
+    study.optimize(s.objective, n_trials=len(trials))
+    return study
+
+
 def _examples(study: optuna.Study, n: int) -> float:
     """Examples scored in the study: `n` per fully scored trial, its `seen` share of `n` per stopped one."""
     return sum(n * t.user_attrs.get("seen", 1.0) for t in _finished(study))  # stopped: PRUNED or COMPLETE
@@ -142,7 +164,7 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial:
     from search.selection import complete_trials
 
-    return max(complete_trials(study), key=lambda t: (t.user_attrs["dev_score"], -t.number))
+    return max(complete_trials(study), key=lambda t: (t.value, -t.number))  # the study's objective
 
 
 def _not_worse(s, plain: optuna.trial.FrozenTrial, pruned: optuna.trial.FrozenTrial) -> bool:
@@ -207,11 +229,14 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         t0 = time.perf_counter()
 
     try:
-        for name, kw in {"acc": {}, "smooth": {"eval.search_metric": "smooth"}, "pruned": {"study.pruner": "wilcoxon"},
-                         "layer": {"merge.granularity": 1},
+        metric = config().eval.search_metric  # the demo's: what `run` optimises
+        for name, kw in {"primary": {"eval.search_metric": "primary"}, "smooth": {"eval.search_metric": "smooth"},
+                         "pruned": {"study.pruner": "wilcoxon"},
+                         "layer": {"merge.granularity": 1, "eval.search_metric": "primary"},
                          "layer+smooth": {"merge.granularity": 1, "eval.search_metric": "smooth"}}.items():
             built[name] = Searcher.build(config(**kw))  # sources and tokenized suites: once per setup
-        g = built["acc"]
+        g = built[metric]  # the samplers and the pruning run on the demo's setup
+        other = "primary" if metric == "smooth" else "smooth"
         names = g.space.names
         lap("build")
 
@@ -227,19 +252,23 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         runs = {name: [_trials_to(g, name, seed, target, b.sampler_budget) for seed in range(seeds)]
                 for name in SAMPLERS}
         runs["auto"] = runs[auto]
+        runs_other = [_trials_to(built[other], auto, seed, target, b.sampler_budget) for seed in range(seeds)]
         lap("samplers")
 
         ps = built["pruned"]
-        acc, pruned = [], []  # the acc studies serve the selection too
+        plain, pruned = [], []  # the unpruned studies serve the selection too
         for seed in range(seeds):
-            for s, out, threshold in ((g, acc, None), (ps, pruned, ps.cfg.study.prune_threshold)):
+            for s, out, threshold in ((g, plain, None), (ps, pruned, ps.cfg.study.prune_threshold)):
                 out.append(_study(s, "auto", seed, threshold))
                 out[-1].optimize(s.objective, n_trials=b.study_trials)
+        replayed = [_replay(ps, a, ps.cfg.study.prune_threshold) for a in plain]
         n = len(g.objectives[0].search.example_keys)
-        fractions = [_examples(w, n) / _examples(a, n) for a, w in zip(acc, pruned)]
-        same = [_best(a).user_attrs["weights"] == _best(w).user_attrs["weights"]
-                or _best(a).user_attrs["dev_score"] == _best(w).user_attrs["dev_score"] for a, w in zip(acc, pruned)]
-        not_worse = [_not_worse(g, _best(a), _best(w)) for a, w in zip(acc, pruned)]
+        share = lambda pairs: statistics.median(_examples(w, n) / _examples(a, n) for a, w in pairs)  # noqa: E731
+        same = lambda pairs: [_best(a).user_attrs["weights"] == _best(w).user_attrs["weights"]  # noqa: E731
+                              or _best(a).value == _best(w).value for a, w in pairs]
+        same_replayed, same_free = same(zip(plain, replayed)), same(zip(plain, pruned))
+        not_worse = [_not_worse(g, _best(a), _best(w)) for a, w in zip(plain, pruned)]
+        fraction_free = share(zip(plain, pruned))
         lap("pruning")
 
         def studies(s, n_trials):
@@ -249,7 +278,8 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
                 out[-1].optimize(s.objective, n_trials=n_trials)
             return out
 
-        selection = _selection(g, {"": acc, "+smooth": studies(built["smooth"], b.study_trials)}, test_optimum)
+        by_metric = {metric: plain, other: studies(built[other], b.study_trials)}
+        selection = _selection(g, {"": by_metric["primary"], "+smooth": by_metric["smooth"]}, test_optimum)
         lap("selection")
         layer = built["layer"]
         selection_layerwise = _selection(layer, {"": studies(layer, b.layer_trials),
@@ -274,8 +304,8 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
     robust_ok = all(sel["robust"]["regret_median"] <= 0.01
                     and sel["robust"]["regret_median"] <= sel["best_dev"]["regret_median"]
                     for sel in (selection, selection_layerwise))
-    fraction = statistics.median(fractions)
-    same_winner = sum(same) / len(same)
+    fraction = share(zip(plain, replayed))
+    same_winner = sum(same_replayed) / len(same_replayed)
     weights = lambda row: {m: round(w, 4) for m, w in zip(names, row)}  # noqa: E731
     return {
         "bench": "search",
@@ -293,10 +323,14 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         "test_optimum": test_optimum,
         "test_optimum_weights": weights(best_test),
         "auto_sampler": auto,
+        "search_metric": metric,
+        "auto_trials_to_99pct_by_metric": {metric: trials_to["auto"], other: statistics.median(runs_other)},
         "trials_to_99pct": trials_to,
         "trials_to_99pct_reached": {name: sum(x <= b.sampler_budget for x in v) for name, v in runs.items()},
         "pruning_examples_fraction": fraction,
         "pruning_same_winner": same_winner,
+        "pruning_free_examples_fraction": fraction_free,
+        "pruning_free_same_winner": sum(same_free) / len(same_free),
         "pruning_winner_not_worse": sum(not_worse) / len(not_worse),
         "report_ms_per_trial": report_ms,
         "report_ms_per_trial_in_memory": 1e3 * statistics.median(
@@ -305,7 +339,7 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         "auto_sampler_layerwise": auto_sampler(layer.space.n_params),
         "selection_layerwise": selection_layerwise,
         "trial_overhead_ms": overhead,
-        "trial_overhead_ms_in_memory": _overhead_ms([t for a in acc for t in _finished(a)]),
+        "trial_overhead_ms_in_memory": _overhead_ms([t for a in plain for t in _finished(a)]),
         "seconds": clock,
         "goals": {
             "auto_trials_le_15": trials_to["auto"] <= min(15, b.sampler_budget),  # the cap is no hit
@@ -333,10 +367,13 @@ def report(fig: dict) -> str:
         label = f"auto (= {fig['auto_sampler']})" if name == "auto" else name
         lines.append(f"  {label:<12} {v:>5g}  (reached on {fig['trials_to_99pct_reached'][name]}/{fig['seeds']} seeds)")
     lines += [
-        f"pruning ({b['study_trials']} trials): {fig['pruning_examples_fraction']:.0%} of the examples, same winner on "
-        f"{fig['pruning_same_winner']:.0%} of seeds, not significantly worse on "
-        f"{fig['pruning_winner_not_worse']:.0%}; reports {fig['report_ms_per_trial']:.1f} ms/trial on SQLite "
-        f"({fig['report_ms_per_trial_in_memory']:.1f} in memory)",
+        f"  (the demo searches on {fig['search_metric']}; auto by search metric: "
+        + ", ".join(f"{k} {v:g}" for k, v in fig["auto_trials_to_99pct_by_metric"].items()) + ")",
+        f"pruning ({b['study_trials']} trials), the same candidates replayed: {fig['pruning_examples_fraction']:.0%} "
+        f"of the examples, same winner on {fig['pruning_same_winner']:.0%} of seeds; free-running: "
+        f"{fig['pruning_free_examples_fraction']:.0%}, same winner on {fig['pruning_free_same_winner']:.0%}, not "
+        f"significantly worse on {fig['pruning_winner_not_worse']:.0%}; reports {fig['report_ms_per_trial']:.1f} "
+        f"ms/trial on SQLite ({fig['report_ms_per_trial_in_memory']:.1f} in memory)",
     ]
     for key, what in (("selection", f"global, {b['study_trials']} trials"),
                       ("selection_layerwise", f"per layer, {b['layer_trials']} trials")):
