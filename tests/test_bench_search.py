@@ -51,7 +51,7 @@ def test_bench_search_quick_reports_every_figure(demo_family, tmp_path, monkeypa
         if reached == 0:
             assert v == budget["sampler_budget"] + 1, name
 
-    for kind in ("", "free_"):
+    for kind in ("", "free_", "random_"):
         assert 0 < fig[f"pruning_{kind}examples_fraction"] <= 1
         assert fig[f"pruning_{kind}same_winner"] in (0.0, 0.5, 1.0)
     assert fig["pruning_winner_not_worse"] >= fig["pruning_free_same_winner"]  # the same winner is never worse

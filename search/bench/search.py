@@ -28,7 +28,9 @@ primary score; medians over seeds):
   `pruning_winner_not_worse` is the share of seeds whose free-running winner is not
   significantly below the unpruned one on dev (paired bootstrap, 95%). `report_ms_per_trial`:
   the per-trial time spent reporting per-example values and asking the pruner (SQLite, as in
-  `run`; `_in_memory` alongside).
+  `run`; `_in_memory` alongside). `pruning_random_*`: the replayed figures for studies of the
+  random sampler, which keeps proposing candidates the pruner can stop (a GP study's new bests
+  and its converged tail of near-copies of the best cannot be).
 - `selection` {policy: {test_median, regret_median}}: the candidate each policy picks from a
   sampler-auto study (best_dev, robust: the study that optimises acc; +smooth: the one that
   optimises the mean answer log-probability), scored on test; regret = `test_optimum` - its
@@ -269,6 +271,12 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         same_replayed, same_free = same(zip(plain, replayed)), same(zip(plain, pruned))
         not_worse = [_not_worse(g, _best(a), _best(w)) for a, w in zip(plain, pruned)]
         fraction_free = share(zip(plain, pruned))
+        explorer = []  # what pruning saves when the sampler keeps exploring: random, replayed
+        for seed in range(seeds):
+            explorer.append(_study(g, "random", seed))
+            explorer[-1].optimize(g.objective, n_trials=b.study_trials)
+        explorer_replayed = [_replay(ps, a, ps.cfg.study.prune_threshold) for a in explorer]
+        same_explorer = same(zip(explorer, explorer_replayed))
         lap("pruning")
 
         def studies(s, n_trials):
@@ -329,6 +337,8 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         "trials_to_99pct_reached": {name: sum(x <= b.sampler_budget for x in v) for name, v in runs.items()},
         "pruning_examples_fraction": fraction,
         "pruning_same_winner": same_winner,
+        "pruning_random_examples_fraction": share(zip(explorer, explorer_replayed)),
+        "pruning_random_same_winner": sum(same_explorer) / len(same_explorer),
         "pruning_free_examples_fraction": fraction_free,
         "pruning_free_same_winner": sum(same_free) / len(same_free),
         "pruning_winner_not_worse": sum(not_worse) / len(not_worse),
@@ -373,7 +383,8 @@ def report(fig: dict) -> str:
         f"of the examples, same winner on {fig['pruning_same_winner']:.0%} of seeds; free-running: "
         f"{fig['pruning_free_examples_fraction']:.0%}, same winner on {fig['pruning_free_same_winner']:.0%}, not "
         f"significantly worse on {fig['pruning_winner_not_worse']:.0%}; reports {fig['report_ms_per_trial']:.1f} "
-        f"ms/trial on SQLite ({fig['report_ms_per_trial_in_memory']:.1f} in memory)",
+        f"ms/trial on SQLite ({fig['report_ms_per_trial_in_memory']:.1f} in memory); random sampler, replayed: "
+        f"{fig['pruning_random_examples_fraction']:.0%}, same winner on {fig['pruning_random_same_winner']:.0%}",
     ]
     for key, what in (("selection", f"global, {b['study_trials']} trials"),
                       ("selection_layerwise", f"per layer, {b['layer_trials']} trials")):
