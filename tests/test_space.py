@@ -17,6 +17,15 @@ def test_sticks_round_trip(weights):
     assert simplex_from_sticks(sticks) == pytest.approx(weights, abs=1e-12)
 
 
+def test_a_vertex_sits_in_the_middle_of_its_collapsed_edge():
+    """Once the weights so far sum to 1, later sticks do not change the merge: they are 0.5."""
+    assert sticks_from_simplex([1, 0, 0]) == [1.0, 0.5]
+    assert sticks_from_simplex([0, 1, 0]) == [0.0, 1.0]
+    assert sticks_from_simplex([0.4, 0.6, 0, 0]) == pytest.approx([1 - 0.6 ** 3, 1.0, 0.5])
+    for tail in (0.0, 0.3, 1.0):  # the whole edge is the one vertex
+        assert simplex_from_sticks([1.0, tail]) == [1.0, 0.0, 0.0]
+
+
 def test_uniform_sticks_give_the_closed_form_weights():
     # Beta(1,2) inverse CDF at 5/9 is 1/3; Beta(1,1) at 1/2 is 1/2 of what is left.
     assert simplex_from_sticks([5 / 9, 0.5]) == pytest.approx([1 / 3] * 3)
