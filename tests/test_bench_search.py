@@ -12,6 +12,22 @@ from click.testing import CliRunner
 from search.bench.search import POLICIES, SAMPLERS
 
 
+def test_the_pruning_floor_counts_baselines_and_running_bests_in_full():
+    """Baselines 0.5 and 0.4, then 0.6 (a running best), 0.55, 0.7 (best), 0.65: 4 trials in
+    full and 2 at one shard of 10 out of 100 examples: (4 * 100 + 2 * 10) / 600."""
+    import optuna
+
+    from search.attrs import BASELINE_METHOD
+    from search.bench.search import _floor
+
+    study = optuna.create_study(direction="maximize")
+    for i, v in enumerate([0.5, 0.4, 0.6, 0.55, 0.7, 0.65]):
+        attrs = {"label": f"b{i}"} if i == 0 else {BASELINE_METHOD: "x"} if i == 1 else {}
+        study.add_trial(optuna.trial.create_trial(value=v, user_attrs=attrs))
+    assert _floor(study, 100, 10) == pytest.approx(420 / 600)
+    assert _floor(study, 5, 10) == pytest.approx(1.0)  # a shard larger than the split: everything
+
+
 @pytest.mark.slow
 def test_bench_search_quick_reports_every_figure(demo_family, tmp_path, monkeypatch):
     from search.demo import DEMO_VERSION, demo_family_dir
@@ -55,6 +71,8 @@ def test_bench_search_quick_reports_every_figure(demo_family, tmp_path, monkeypa
         assert 0 < fig[f"pruning_{kind}examples_fraction"] <= 1
         assert fig[f"pruning_{kind}same_winner"] in (0.0, 0.5, 1.0)
     assert fig["pruning_winner_not_worse"] >= fig["pruning_free_same_winner"]  # the same winner is never worse
+    for kind in ("", "random_"):  # the floor counts the 4 baselines in full
+        assert 4 / budget["study_trials"] <= fig[f"pruning_{kind}floor"] <= 1
     # on SQLite each shard's reports are one commit: a real cost, well under a second a trial
     assert 0 < fig["report_ms_per_trial"] < 1000 and fig["report_ms_per_trial_in_memory"] >= 0
     assert 0 < fig["trial_overhead_ms"] < 5000 and fig["trial_overhead_ms_in_memory"] >= 0

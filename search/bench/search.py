@@ -29,8 +29,12 @@ primary score; medians over seeds):
   significantly below the unpruned one on dev (paired bootstrap, 95%). `report_ms_per_trial`:
   the per-trial time spent reporting per-example values and asking the pruner (SQLite, as in
   `run`; `_in_memory` alongside). `pruning_random_*`: the replayed figures for studies of the
-  random sampler, which keeps proposing candidates the pruner can stop (a GP study's new bests
-  and its converged tail of near-copies of the best cannot be).
+  random sampler, which keeps proposing candidates the pruner can stop. `pruning_floor` (and
+  `pruning_random_floor`): the least share any pruner could score on the unpruned studies
+  without stopping the winner or a running best (a pruner cannot tell one that will be overtaken
+  later from the winner), as those are scored in full (median
+  over the seeds; each other trial counted at one shard). A GP study's new bests cannot be
+  stopped, and its converged tail of near-copies of the best could be only by luck.
 - `selection` {policy: {test_median, regret_median}}: the candidate each policy picks from a
   sampler-auto study (best_dev, robust: the study that optimises acc; +smooth: the one that
   optimises the mean answer log-probability), scored on test; regret = `test_optimum` - its
@@ -157,6 +161,20 @@ def _examples(study: optuna.Study, n: int) -> float:
     return sum(n * t.user_attrs.get("seen", 1.0) for t in _finished(study))  # stopped: PRUNED or COMPLETE
 
 
+def _floor(study: optuna.Study, n: int, shard: int) -> float:
+    """The least share of `study`'s examples that any pruner can score without stopping its winner
+    or a running best: every baseline and every trial that beat all before it in full (a pruner
+    cannot tell a candidate that will be overtaken later from the winner), one shard of each other."""
+    from search.attrs import BASELINE_METHOD
+
+    best, full, trials = float("-inf"), 0, sorted(_finished(study), key=lambda t: t.number)
+    for t in trials:
+        if BASELINE_METHOD in t.user_attrs or t.user_attrs.get("label") or t.value > best:
+            full += 1
+        best = max(best, t.value)
+    return (full * n + (len(trials) - full) * min(shard, n)) / (len(trials) * n)
+
+
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     from search.study import finished
 
@@ -271,12 +289,14 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         same_replayed, same_free = same(zip(plain, replayed)), same(zip(plain, pruned))
         not_worse = [_not_worse(g, _best(a), _best(w)) for a, w in zip(plain, pruned)]
         fraction_free = share(zip(plain, pruned))
+        floor = statistics.median(_floor(a, n, ps.cfg.study.shard_size) for a in plain)
         explorer = []  # what pruning saves when the sampler keeps exploring: random, replayed
         for seed in range(seeds):
             explorer.append(_study(g, "random", seed))
             explorer[-1].optimize(g.objective, n_trials=b.study_trials)
         explorer_replayed = [_replay(ps, a, ps.cfg.study.prune_threshold) for a in explorer]
         same_explorer = same(zip(explorer, explorer_replayed))
+        floor_random = statistics.median(_floor(a, n, ps.cfg.study.shard_size) for a in explorer)
         lap("pruning")
 
         def studies(s, n_trials):
@@ -336,6 +356,8 @@ def bench_search(*, seeds: int = 5, device: str = "cpu", quick: bool = False) ->
         "trials_to_99pct": trials_to,
         "trials_to_99pct_reached": {name: sum(x <= b.sampler_budget for x in v) for name, v in runs.items()},
         "pruning_examples_fraction": fraction,
+        "pruning_floor": floor,
+        "pruning_random_floor": floor_random,
         "pruning_same_winner": same_winner,
         "pruning_random_examples_fraction": share(zip(explorer, explorer_replayed)),
         "pruning_random_same_winner": sum(same_explorer) / len(same_explorer),
@@ -384,7 +406,9 @@ def report(fig: dict) -> str:
         f"{fig['pruning_free_examples_fraction']:.0%}, same winner on {fig['pruning_free_same_winner']:.0%}, not "
         f"significantly worse on {fig['pruning_winner_not_worse']:.0%}; reports {fig['report_ms_per_trial']:.1f} "
         f"ms/trial on SQLite ({fig['report_ms_per_trial_in_memory']:.1f} in memory); random sampler, replayed: "
-        f"{fig['pruning_random_examples_fraction']:.0%}, same winner on {fig['pruning_random_same_winner']:.0%}",
+        f"{fig['pruning_random_examples_fraction']:.0%}, same winner on {fig['pruning_random_same_winner']:.0%}; "
+        f"the floor (baselines and running bests in full, one shard of the rest): "
+        f"{fig['pruning_floor']:.0%} for auto, {fig['pruning_random_floor']:.0%} for random",
     ]
     for key, what in (("selection", f"global, {b['study_trials']} trials"),
                       ("selection_layerwise", f"per layer, {b['layer_trials']} trials")):
