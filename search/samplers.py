@@ -26,7 +26,7 @@ GP_STARTUP_MAX = 10  # Optuna's default number of random trials before the GP mo
 def gp_startup(n_params: int) -> int:
     """Trials before GP starts modelling, baselines included: two per searched parameter, at
     most Optuna's 10. On the demo's 2-parameter space GP then starts right after the 4
-    baselines (median 16.5 trials to 99% of the optimum over 10 seeds, against 23.5 with 10);
+    baselines (demo family v2: median 16.5 trials to 99% of the optimum over 10 seeds, against 23.5 with 10);
     on its 8-parameter layer-wise space an earlier start fitted noise (test 0.946 against 0.963)."""
     return min(GP_STARTUP_MAX, 2 * max(1, n_params))
 

@@ -39,8 +39,9 @@ def simplex_from_sticks(sticks: Sequence[float]) -> list[float]:
     return weights + [max(left, 0.0)]
 
 
-def sticks_from_simplex(weights: Sequence[float]) -> list[float]:
-    """Inverse of `simplex_from_sticks` (weights are normalized first)."""
+def sticks_from_simplex(weights: Sequence[float], collapsed: float = 0.0) -> list[float]:
+    """Inverse of `simplex_from_sticks` (weights are normalized first). Once the weights so far
+    sum to 1, the later sticks do not change the merge; they are set to `collapsed` (below)."""
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
         raise MergeSearchError(f"weights must be >= 0 with a positive sum but got {list(weights)}")
@@ -48,16 +49,25 @@ def sticks_from_simplex(weights: Sequence[float]) -> list[float]:
     for i in range(n - 1):
         w = weights[i] / total
         if left <= 1e-12:  # earlier weights took everything: every value of this stick is the same merge
-            sticks.append(0.5)  # the middle of that collapsed edge, see below
+            sticks.append(collapsed)
         else:
             sticks.append(1.0 - (1.0 - min(w / left, 1.0)) ** (n - 1 - i))
         left -= w
     return sticks
-# A vertex such as (1, 0, 0) is the whole edge stick_0 = 1 of the parameter square. Enqueued at
-# one end of it (stick_1 = 0), the vertex baseline left the rest of the edge looking unexplored
-# to the GP, which spent a trial on (1, 0.7): the same merge again. From the middle, no point of
-# the edge is far from a known one; on the demo the GP then needs 16 trials to 99% of the grid's
-# dev optimum instead of 18 (8 seeds, `bench search`'s measure).
+# A vertex such as (1, 0, 0) is the whole edge stick_0 = 1 of the parameter square, so where on
+# that edge a vertex baseline is enqueued is a choice, and the samplers want different ones
+# (`collapsed_stick`). Enqueued at one end (stick_1 = 0), the rest of the edge looked unexplored
+# to the GP, which spent a trial on (1, 0.7): the same merge again; from the middle, the GP needs
+# 16 trials to 99% of the demo grid's dev optimum instead of 18 (8 seeds, `bench search`'s
+# measure, every seed better). TPE reads densities per parameter, and a bad vertex at stick_1 =
+# 0.5 marks the middle of the range, where the uniform baseline sits, as bad: it needed 22.5
+# trials from the middle against 17 from the end (8 seeds).
+COLLAPSED_GP, COLLAPSED_OTHER = 0.5, 0.0
+
+
+def collapsed_stick(sampler: optuna.samplers.BaseSampler) -> float:
+    """Where a baseline's collapsed sticks go for `sampler` (see above)."""
+    return COLLAPSED_GP if isinstance(sampler, optuna.samplers.GPSampler) else COLLAPSED_OTHER
 
 
 class MergeSpace:
@@ -149,13 +159,14 @@ class MergeSpace:
             values[cell] = v
         return values
 
-    def params_for(self, values: dict[str, dict[str, list[float]]]) -> dict[str, float]:
-        """The trial parameters that `suggest` turns into `values` (for enqueued baselines)."""
+    def params_for(self, values: dict[str, dict[str, list[float]]], collapsed: float = 0.0) -> dict[str, float]:
+        """The trial parameters that `suggest` turns into `values` (for enqueued baselines);
+        collapsed: the value of sticks that do not change the merge (`collapsed_stick`)."""
         params = {}
         for cell, v in values.items():
             for k in self.model_keys:
                 if k == "weight" and self.simplex:
-                    params.update({f"{cell}.stick_{i}": s for i, s in enumerate(sticks_from_simplex(v["weight"]))})
+                    params.update({f"{cell}.stick_{i}": s for i, s in enumerate(sticks_from_simplex(v["weight"], collapsed))})
                 else:
                     params.update({f"{cell}.{k}.{n}": x for n, x in zip(self.names, v[k])})
             for k in self.shared_keys:

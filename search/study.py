@@ -32,7 +32,7 @@ from search.merger import InMemoryMerger, resolve_device
 from search.methods import DTYPES, METHODS
 from search.samplers import make_sampler, sampler_name
 from search.selection import complete_trials, select
-from search.space import MergeSpace
+from search.space import MergeSpace, collapsed_stick
 from search.pruning import PairedWilcoxonPruner, stopped_estimate
 from search.storage import _file_path, load_existing_study, mask_url, open_storage, report_many, storage_kind  # noqa: F401
 
@@ -382,9 +382,10 @@ class Searcher:
         trials = study.get_trials(deepcopy=False)
         have = {t.user_attrs.get("label") for t in trials}
         room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)  # a budget below the baselines: the first
+        collapsed = collapsed_stick(study.sampler)
         for label, values in self.space.baselines():
             if label not in have and room > 0:
-                study.enqueue_trial(self.space.params_for(values), user_attrs={"label": label})
+                study.enqueue_trial(self.space.params_for(values, collapsed), user_attrs={"label": label})
                 room -= 1
         self.enqueue_method_rows(study)
 

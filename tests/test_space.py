@@ -5,7 +5,7 @@ import pytest
 
 from search.errors import MergeSearchError
 from search.mergeconfig import parse_merge_config, resolve
-from search.space import MergeSpace, simplex_from_sticks, sticks_from_simplex
+from search.space import MergeSpace, collapsed_stick, simplex_from_sticks, sticks_from_simplex
 
 MODELS = {"a": "/m/a", "b": "/m/b", "c": "/m/c"}
 
@@ -17,13 +17,22 @@ def test_sticks_round_trip(weights):
     assert simplex_from_sticks(sticks) == pytest.approx(weights, abs=1e-12)
 
 
-def test_a_vertex_sits_in_the_middle_of_its_collapsed_edge():
-    """Once the weights so far sum to 1, later sticks do not change the merge: they are 0.5."""
-    assert sticks_from_simplex([1, 0, 0]) == [1.0, 0.5]
-    assert sticks_from_simplex([0, 1, 0]) == [0.0, 1.0]
-    assert sticks_from_simplex([0.4, 0.6, 0, 0]) == pytest.approx([1 - 0.6 ** 3, 1.0, 0.5])
+def test_a_vertex_collapses_its_later_sticks_to_the_value_asked_for():
+    """Once the weights so far sum to 1, later sticks do not change the merge."""
+    assert sticks_from_simplex([1, 0, 0]) == [1.0, 0.0]
+    assert sticks_from_simplex([1, 0, 0], collapsed=0.5) == [1.0, 0.5]
+    assert sticks_from_simplex([0, 1, 0], collapsed=0.5) == [0.0, 1.0]
+    assert sticks_from_simplex([0.4, 0.6, 0, 0], collapsed=0.5) == pytest.approx([1 - 0.6 ** 3, 1.0, 0.5])
     for tail in (0.0, 0.3, 1.0):  # the whole edge is the one vertex
         assert simplex_from_sticks([1.0, tail]) == [1.0, 0.0, 0.0]
+
+
+def test_gp_gets_vertex_baselines_in_the_middle_of_their_edge_and_tpe_at_its_end():
+    space = MergeSpace("linear", MODELS)
+    vertex = space.baselines()[0][1]
+    for sampler, tail in ((optuna.samplers.GPSampler(seed=0), 0.5), (optuna.samplers.TPESampler(seed=0), 0.0),
+                          (optuna.samplers.RandomSampler(seed=0), 0.0)):
+        assert space.params_for(vertex, collapsed_stick(sampler)) == {"g0.rest.stick_0": 1.0, "g0.rest.stick_1": tail}
 
 
 def test_uniform_sticks_give_the_closed_form_weights():
