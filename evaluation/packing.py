@@ -262,6 +262,13 @@ def run_batches(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefi
                 on_batch=None) -> None:
     """Add each scored target's log-probability (fp32 log-softmax) to its sequence's total;
     `on_batch()` after each batch (a progress bar)."""
+    accumulate_logprobs(model, batches, totals, prefix, on_batch)
+
+
+def accumulate_logprobs(model, batches: list[Batch], totals: torch.Tensor, prefix: Prefix | None = None,
+                        on_batch=None) -> None:
+    """`run_batches` in the caller's grad mode: with gradients on, `totals` becomes differentiable
+    in the model's parameters (the learner's loss, search/learn.py)."""
     body, head = split_head(model)
     net = body if head is not None else model
     kv = None

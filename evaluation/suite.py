@@ -38,7 +38,7 @@ import torch
 from evaluation.ceval import LETTERS, description, letters_text, subject_from_path
 from evaluation.errors import EvalError
 from evaluation.generate import GenBatch, generate, pack_prompts
-from evaluation.packing import Batch, Prefix, build_rows, pack_rows, run_batches
+from evaluation.packing import Batch, Prefix, accumulate_logprobs, build_rows, pack_rows, run_batches
 from evaluation.prompts import (answer_metrics, encode_pair, end_of_turn, lm_encode, render_prompt, target_delimiter,
                                 uses_chat)
 from evaluation.tasks import GENERATED_KINDS, METRICS, POOLED_METRICS, Suite, Task
@@ -288,6 +288,33 @@ class EvalSuite:
     def n_batches(self) -> int:
         """Forward and generation batches of one full scoring (what `on_batch` counts)."""
         return sum(len(s.batches) + len(s.gen_batches) for s in self._shards)
+
+    def smooth_loss(self, model) -> torch.Tensor:
+        """Minus the suite's smooth objective, differentiable in `model`'s parameters (run it with
+        gradients on): the task-weighted mean of each choice item's `answer_logprob` and each
+        reference item's `logprob`, from the same rows, prompts and shared prefixes as `score`.
+        Generate, verifiable and lm-eval tasks have no log-likelihood to learn from and are left out."""
+        lp = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
+        for shard in self._shards:
+            accumulate_logprobs(model, shard.batches, lp, shard.prefix)
+        n_tokens = self._n_tokens.to(lp.device)
+        total, weights = lp.new_zeros(()), 0.0
+        for plan in self._plans:
+            if plan.task.kind not in ("choice", "reference") or not plan.items:
+                continue
+            values = []
+            for ii, item in enumerate(plan.items):
+                first = plan.first_seq[ii]
+                if plan.task.kind == "reference":
+                    values.append(lp[first] / n_tokens[first])
+                else:
+                    options = lp[first : first + len(plan.chars[ii])]
+                    values.append(options[item["answer"]] - torch.logsumexp(options, 0))
+            total = total + plan.task.weight * torch.stack(values).mean()
+            weights += plan.task.weight
+        if not weights:
+            raise EvalError("the suite has no choice or reference task: nothing to learn from")
+        return -total / weights
 
     def score_shards(self, model, order: list[int] | None = None, on_batch=None) -> Iterator[ShardScore]:
         """Score shard by shard (in `order`, default 0..n-1); each yields its examples' value of

@@ -119,3 +119,37 @@ class _FunctionalModel:
 
     def __call__(self, **kw):
         return self.call(self.model, self.params, args=(), kwargs=kw)
+
+
+@pytest.mark.slow
+def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_holds(demo_family):
+    """On the demo family and suite: `EvalSuite.smooth_loss` is minus the objective `score` reports
+    with `search_metric: smooth` (the same rows and log-likelihoods), and the learner's gradient of
+    it through the merge matches finite differences."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.demo import MODEL_NAMES
+
+    merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in MODEL_NAMES], device="cpu")
+    space = MergeSpace("linear", {n: str(demo_family[n]) for n in MODEL_NAMES}, normalize=True,
+                       num_layers=merger.num_layers)
+    suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
+                      AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
+    learner = LinearWeightGradient(merger, space)
+    logits = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
+    loss, grad = learner.backward(logits, suite.smooth_loss)
+    assert loss == pytest.approx(-suite.score(merger.model).objective, rel=1e-6)
+    eps = 0.05
+    for i in range(3):
+        step = torch.zeros_like(logits)
+        step[0, i] = eps
+        values = []
+        for sign in (1, -1):
+            learner.apply(logits + sign * step)
+            values.append(float(suite.smooth_loss(merger.model)))
+        assert (values[0] - values[1]) / (2 * eps) == pytest.approx(float(grad[0, i]), rel=0.05, abs=1e-4), MODEL_NAMES[i]
+    assert grad.abs().max() > 1e-2
