@@ -22,6 +22,7 @@ exports a candidate, so the learner cannot disagree with `to_config` about layer
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -102,3 +103,34 @@ class LinearWeightGradient:
         w = self.weights(logits)
         # softmax's Jacobian: dL/dlogit[c, i] = w[c, i] * (dL/dw[c, i] - sum_j w[c, j] dL/dw[c, j])
         return float(loss.detach()), w * (grad_w - (w * grad_w).sum(-1, keepdim=True))
+
+
+@dataclass
+class Learned:
+    logits: torch.Tensor  # cells x sources, after the last step
+    losses: list[float]  # the loss before each step's update
+
+
+def learn(learner: LinearWeightGradient, loss_fn: Callable[[torch.nn.Module], torch.Tensor], *, steps: int = 30,
+          lr: float = 0.05, l2: float = 0.0, start: torch.Tensor | None = None) -> Learned:
+    """Adam on the logits for `steps` steps from `start` (default: uniform weights), minimising
+    `loss_fn` plus `l2` times the squared distance of the weights to the start's weights; the
+    live model holds the last step's merge on return."""
+    if steps < 1 or lr <= 0 or l2 < 0:
+        raise MergeSearchError(f"learning needs steps >= 1, lr > 0 and l2 >= 0 but got {steps}, {lr}, {l2}")
+    theta = torch.zeros(learner.shape, dtype=torch.float64) if start is None else start.detach().double().clone()
+    anchor = learner.weights(theta).detach()
+    theta.requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, grad = learner.backward(theta.detach(), loss_fn)
+        losses.append(loss)
+        opt.zero_grad()
+        if l2:
+            (l2 * ((learner.weights(theta) - anchor) ** 2).sum()).backward()
+        theta.grad = grad if theta.grad is None else theta.grad + grad
+        opt.step()
+    final = theta.detach()
+    learner.apply(final)
+    return Learned(final, losses)

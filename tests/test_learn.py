@@ -153,3 +153,32 @@ def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_hold
             values.append(float(suite.smooth_loss(merger.model)))
         assert (values[0] - values[1]) / (2 * eps) == pytest.approx(float(grad[0, i]), rel=0.05, abs=1e-4), MODEL_NAMES[i]
     assert grad.abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_family):
+    """The demo's optimum gives inst-meta 0.7 (the grid, search/demo.py): a few steps from uniform
+    lower the smooth loss and give inst-meta the largest weight; l2 towards uniform holds them back."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.demo import MODEL_NAMES
+    from search.learn import learn
+
+    merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in MODEL_NAMES], device="cpu")
+    space = MergeSpace("linear", {n: str(demo_family[n]) for n in MODEL_NAMES}, normalize=True,
+                       num_layers=merger.num_layers)
+    suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
+                      AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
+    learner = LinearWeightGradient(merger, space)
+    free = learn(learner, suite.smooth_loss, steps=8, lr=0.1)
+    w = learner.weights(free.logits)[0]
+    assert float(suite.smooth_loss(merger.model)) < free.losses[0] - 0.02  # the live model holds the last merge
+    assert int(w.argmax()) == MODEL_NAMES.index("inst-meta") and float(w.sum()) == pytest.approx(1.0)
+    held = learn(learner, suite.smooth_loss, steps=8, lr=0.1, l2=100.0)
+    assert float(learner.weights(held.logits)[0, 2]) < float(w[2])
+    with pytest.raises(MergeSearchError, match="steps >= 1"):
+        learn(learner, suite.smooth_loss, steps=0)
