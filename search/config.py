@@ -116,6 +116,15 @@ class EvalSpec(_Model):
         return self
 
 
+class LearnerSpec(_Model):
+    """Learned weights (search/learn.py): Adam on per-cell logits of a normalised linear merge,
+    minimising minus the search split's smooth objective; the result is scored as trial `learned`."""
+
+    steps: int = Field(default=30, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    l2: float = Field(default=0.0, ge=0)  # pull of the weights towards uniform (the start)
+
+
 class StudySpec(_Model):
     storage: str | None = None  # Optuna storage URL; default sqlite:///<out>/study.db
     study_name: str | None = None  # default: the run name
@@ -136,6 +145,7 @@ class StudySpec(_Model):
     # grace_period s is marked failed and its parameters re-queued once (a dead worker's trial)
     heartbeat_interval: int = Field(default=30, ge=1)
     grace_period: int = Field(default=120, ge=2)
+    learner: LearnerSpec | None = None  # learn weights by gradient once, before the search (trial `learned`)
 
 
 class RunConfig(_Model):
@@ -160,6 +170,18 @@ class RunConfig(_Model):
         if dupes:
             raise ValueError(f"model names must be unique but got {dupes} more than once")
         return models
+
+    @model_validator(mode="after")
+    def _learner(self) -> RunConfig:
+        if self.study.learner is None:
+            return self
+        if self.merge.method != "linear" or self.merge.normalize is False:
+            raise ValueError(f"study.learner learns the weights of merge.method linear with normalize: true, "
+                             f"not {self.merge.method}" + (" without normalize" if self.merge.normalize is False else ""))
+        if self.eval.objectives and len(self.eval.objectives) > 1:
+            raise ValueError("study.learner learns one objective; this study has "
+                             f"{len(self.eval.objectives)} (eval.objectives)")
+        return self
 
     @model_validator(mode="after")
     def _baseline_methods(self) -> RunConfig:

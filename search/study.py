@@ -228,6 +228,9 @@ def n_examples(suite, split: str) -> int:
                and (split in t.files or ANY_SPLIT in t.files))
 
 
+LEARNED = "learned"  # the label of the trial `study.learner` produces
+
+
 @dataclass
 class Searcher:
     """Everything a trial needs, built once: sources, the merger, the tokenized suites."""
@@ -389,6 +392,29 @@ class Searcher:
                 room -= 1
         self.enqueue_method_rows(study)
 
+    def enqueue_learned(self, study: optuna.Study) -> None:
+        """Learn weights by gradient (`study.learner`) on the search split and enqueue them as the
+        trial labelled `learned`, unless the study has it: the objective then scores it as every
+        candidate, so the leaderboard, the re-score on test, the intervals and the export treat
+        it as one. The learner reads the search split only."""
+        from search.learn import LinearWeightGradient, learn
+
+        trials = study.get_trials(deepcopy=False)
+        if any(t.user_attrs.get("label") == LEARNED for t in trials):
+            return
+        if self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials) <= 0:
+            return
+        spec = self.cfg.study.learner
+        learner = LinearWeightGradient(self.merger, self.space)
+        t0 = time.perf_counter()
+        result = learn(learner, self.objectives[0].search.smooth_loss, steps=spec.steps, lr=spec.lr, l2=spec.l2)
+        log.info("learned weights in %d steps (%.1fs): loss %.4f -> %.4f", spec.steps, time.perf_counter() - t0,
+                 result.losses[0], result.losses[-1])
+        params = self.space.params_for(learner.values(result.logits), collapsed_stick(study.sampler))
+        study.enqueue_trial(params, user_attrs={"label": LEARNED, "learner": {
+            **spec.model_dump(), "loss_first": result.losses[0], "loss_last": result.losses[-1],
+            "seconds": round(time.perf_counter() - t0, 2)}})
+
     def enqueue_method_rows(self, study: optuna.Study) -> None:
         """The rows of `cfg.baseline_methods` not in the study yet, once the budget has just room
         for them (at the end of the search; at once when the budget is that small).
@@ -523,6 +549,8 @@ def run_search(
         study.set_user_attr(SELECT_ATTR, cfg.study.select)
         study.set_user_attr(BOOTSTRAP_ATTR, cfg.eval.bootstrap)
         searcher.enqueue_baselines(study)
+        if cfg.study.learner is not None:
+            searcher.enqueue_learned(study)
         if remaining > 0:
             log.info("study %r: %d finished trials, running %d more with %s", cfg.study_name,
                      cfg.study.n_trials - remaining, remaining, sampler_name(study.sampler))

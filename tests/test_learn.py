@@ -182,3 +182,54 @@ def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_family):
     assert float(learner.weights(held.logits)[0, 2]) < float(w[2])
     with pytest.raises(MergeSearchError, match="steps >= 1"):
         learn(learner, suite.smooth_loss, steps=0)
+
+
+@pytest.mark.slow
+def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family, tmp_path):
+    """`study.learner` in `run`: the learned weights are trial `learned`, scored on the search split
+    like every candidate (above uniform on the smooth objective it learned), and a resumed run
+    does not learn again."""
+    import csv
+    import json
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from search.cli import main
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    cfg["study"].update(learner={"steps": 8, "lr": 0.1}, n_trials=6)
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    for trials in ("6", "7"):
+        result = CliRunner().invoke(main, ["run", str(path), "--out", str(out), "--device", "cpu", "-q",
+                                           "--trials", trials])
+        assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    learned = [r for r in rows if r["label"] == "learned"]
+    assert len(learned) == 1 and len(rows) == 7
+    uniform = next(r for r in rows if r["label"] == "uniform")
+    assert float(learned[0]["dev_objective"]) > float(uniform["dev_objective"]) + 0.02
+    weights = {n: float(learned[0][f"w:{n}"]) for n in MODEL_NAMES_DEMO}
+    assert max(weights, key=weights.get) == "inst-meta"
+    exported = tmp_path / "learned.yaml"
+    result = CliRunner().invoke(main, ["export", str(out), "--trial", learned[0]["trial"], "-o", str(exported)])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(exported.read_text())
+    got = [m["parameters"]["weight"] for m in config["models"]]
+    assert got == pytest.approx([weights[n] for n in MODEL_NAMES_DEMO], abs=1e-9)
+    assert json.loads((out / "best.json").read_text())["trial"] is not None
+
+
+MODEL_NAMES_DEMO = ("inst-v1", "inst-v2", "inst-meta")
+
+
+def test_a_learner_needs_a_normalized_linear_merge(tmp_path):
+    from search.config import load_config
+    from search.errors import MergeSearchError as Err
+
+    with pytest.raises((Err, SystemExit, ValueError)) as err:
+        load_config(None, **{"study.learner": {"steps": 3}, "merge.normalize": False})
+    assert "study.learner learns the weights of merge.method linear with normalize: true" in str(err.value)
