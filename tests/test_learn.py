@@ -121,11 +121,10 @@ class _FunctionalModel:
         return self.call(self.model, self.params, args=(), kwargs=kw)
 
 
-@pytest.mark.slow
-def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_holds(demo_family):
-    """On the demo family and suite: `EvalSuite.smooth_loss` is minus the objective `score` reports
-    with `search_metric: smooth` (the same rows and log-likelihoods), and the learner's gradient of
-    it through the merge matches finite differences."""
+@pytest.fixture(scope="module")
+def demo_learner(demo_family):
+    """The demo's three variants in a merger, the global linear space's learner and the dev suite
+    scored on the smooth metric."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -140,6 +139,15 @@ def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_hold
     suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
                       AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
     learner = LinearWeightGradient(merger, space)
+    return merger, suite, learner
+
+
+@pytest.mark.slow
+def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_holds(demo_learner):
+    """On the demo family and suite: `EvalSuite.smooth_loss` is minus the objective `score` reports
+    with `search_metric: smooth` (the same rows and log-likelihoods), and the learner's gradient of
+    it through the merge matches finite differences."""
+    merger, suite, learner = demo_learner
     logits = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
     loss, grad = learner.backward(logits, suite.smooth_loss)
     assert loss == pytest.approx(-suite.score(merger.model).objective, rel=1e-6)
@@ -151,29 +159,18 @@ def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_hold
         for sign in (1, -1):
             learner.apply(logits + sign * step)
             values.append(float(suite.smooth_loss(merger.model)))
-        assert (values[0] - values[1]) / (2 * eps) == pytest.approx(float(grad[0, i]), rel=0.05, abs=1e-4), MODEL_NAMES[i]
+        assert (values[0] - values[1]) / (2 * eps) == pytest.approx(float(grad[0, i]), rel=0.05, abs=1e-4), i
     assert grad.abs().max() > 1e-2
 
 
 @pytest.mark.slow
-def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_family):
+def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_learner):
     """The demo's optimum gives inst-meta 0.7 (the grid, search/demo.py): a few steps from uniform
     lower the smooth loss and give inst-meta the largest weight; l2 towards uniform holds them back."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from evaluation.suite import EvalSuite
-    from evaluation.tasks import load_suite
     from search.demo import MODEL_NAMES
     from search.learn import learn
 
-    merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in MODEL_NAMES], device="cpu")
-    space = MergeSpace("linear", {n: str(demo_family[n]) for n in MODEL_NAMES}, normalize=True,
-                       num_layers=merger.num_layers)
-    suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
-                      AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
-    learner = LinearWeightGradient(merger, space)
+    merger, suite, learner = demo_learner
     free = learn(learner, suite.smooth_loss, steps=8, lr=0.1)
     w = learner.weights(free.logits)[0]
     assert float(suite.smooth_loss(merger.model)) < free.losses[0] - 0.02  # the live model holds the last merge
@@ -197,6 +194,7 @@ def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family,
     from click.testing import CliRunner
 
     from search.cli import main
+    from search.demo import MODEL_NAMES as MODEL_NAMES_DEMO
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
     cfg["study"].update(learner={"steps": 8, "lr": 0.1}, n_trials=6)
@@ -221,9 +219,6 @@ def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family,
     got = [m["parameters"]["weight"] for m in config["models"]]
     assert got == pytest.approx([weights[n] for n in MODEL_NAMES_DEMO], abs=1e-9)
     assert json.loads((out / "best.json").read_text())["trial"] is not None
-
-
-MODEL_NAMES_DEMO = ("inst-v1", "inst-v2", "inst-meta")
 
 
 def test_a_learner_needs_a_normalized_linear_merge(tmp_path):
