@@ -289,32 +289,107 @@ class EvalSuite:
         """Forward and generation batches of one full scoring (what `on_batch` counts)."""
         return sum(len(s.batches) + len(s.gen_batches) for s in self._shards)
 
-    def smooth_loss(self, model) -> torch.Tensor:
-        """Minus the suite's smooth objective, differentiable in `model`'s parameters (run it with
-        gradients on): the task-weighted mean of each choice item's `answer_logprob` and each
-        reference item's `logprob`, from the same rows, prompts and shared prefixes as `score`.
-        Generate, verifiable and lm-eval tasks have no log-likelihood to learn from and are left out."""
-        lp = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
-        for shard in self._shards:
-            accumulate_logprobs(model, shard.batches, lp, shard.prefix)
-        n_tokens = self._n_tokens.to(lp.device)
-        total, weights = lp.new_zeros(()), 0.0
-        for plan in self._plans:
-            if plan.task.kind not in ("choice", "reference") or not plan.items:
-                continue
-            values = []
-            for ii, item in enumerate(plan.items):
+    LOSSES = ("ce", "entropy")
+
+    def loss_tasks(self, loss: str = "ce") -> dict[str, list[str]]:
+        """The example keys each task gives the learning loss `loss`, by task: choice and
+        reference tasks for "ce", choice tasks for "entropy" (see `loss_parts`)."""
+        kinds = ("choice", "reference") if loss == "ce" else ("choice",)
+        return {p.task.name: [self._key(pi, ii) for ii in range(len(p.items))]
+                for pi, p in enumerate(self._plans) if p.task.kind in kinds and p.items}
+
+    def _loss_groups(self) -> list[tuple[int, list[int], list[tuple[int, int]]]]:
+        """(shard, batch indices, items (plan, item)) whose log-likelihoods those batches hold in
+        full: a trie row holds every option of its item, so a group is one batch, unless the
+        options were packed apart (share_context=False), which joins their batches."""
+        if getattr(self, "_groups", None) is not None:
+            return self._groups
+        where: dict[int, tuple[int, int]] = {}  # sequence -> (shard, batch)
+        for si, shard in enumerate(self._shards):
+            for bi, b in enumerate(shard.batches):
+                for s in b.sequences.unique().tolist():
+                    where[s] = (si, bi)
+        groups = []
+        for si, shard in enumerate(self._shards):
+            parent = list(range(len(shard.batches)))
+
+            def root(i):
+                while parent[i] != i:
+                    parent[i] = parent[parent[i]]
+                    i = parent[i]
+                return i
+
+            items = [(pi, ii) for pi, ii in shard.examples if self._plans[pi].task.kind in ("choice", "reference")]
+            for pi, ii in items:
+                first = self._plans[pi].first_seq[ii]
+                bs = [where[s][1] for s in range(first, first + len(self._plans[pi].chars[ii]))]
+                for b in bs[1:]:
+                    parent[root(b)] = root(bs[0])
+            by_root: dict[int, tuple[list[int], list]] = {}
+            for bi in range(len(shard.batches)):
+                by_root.setdefault(root(bi), ([], []))[0].append(bi)
+            for pi, ii in items:
+                by_root[root(where[self._plans[pi].first_seq[ii]][1])][1].append((pi, ii))
+            groups += [(si, bis, its) for bis, its in by_root.values() if its]
+        self._groups = groups
+        return groups
+
+    def loss_parts(self, model, *, loss: str = "ce", holdout: frozenset[str] | set[str] = frozenset(),
+                   held: list[float] | None = None) -> Iterator[torch.Tensor]:
+        """The learning loss of `model` in parts, one per batch (run with gradients on and
+        backpropagate each part on its own: one batch's activations alive at a time); the parts
+        sum to the loss over the examples not in `holdout`. The held-out examples' loss, from the
+        same forward passes, is appended to `held` per part (detached).
+
+        "ce": minus the smooth objective, the task-weighted mean of each choice item's
+        `answer_logprob` (the log of the softmax over its options' log-likelihoods at the gold
+        answer) and each reference item's `logprob` (mean token log-likelihood), from the same
+        rows, prompts and shared prefixes as `score`. "entropy": the task-weighted mean entropy
+        of that softmax over the choice items (AdaMerging's unlabeled objective). Generate,
+        verifiable and lm-eval tasks have no log-likelihood to learn from and are left out."""
+        if loss not in self.LOSSES:
+            raise EvalError(f"loss must be one of {', '.join(self.LOSSES)} but got {loss!r}")
+        tasks = self.loss_tasks(loss)
+        if not tasks:
+            raise EvalError(f"the suite has no {'choice or reference' if loss == 'ce' else 'choice'} task on split "
+                            f"{self.split!r}: nothing to learn from")
+        weight = {t.name: t.weight for t in self.tasks}
+        coef: dict[str, float] = {}
+        for part in (lambda k: k not in holdout, lambda k: k in holdout):
+            chosen = {t: [k for k in keys if part(k)] for t, keys in tasks.items()}
+            total = sum(weight[t] for t, keys in chosen.items() if keys)
+            for t, keys in chosen.items():
+                for k in keys:
+                    coef[k] = weight[t] / (len(keys) * total)
+        n_tokens = self._n_tokens.to(self.device)
+        for si, bis, items in self._loss_groups():
+            shard = self._shards[si]
+            lp = torch.zeros(self.n_sequences, dtype=torch.float64, device=self.device)
+            accumulate_logprobs(model, [shard.batches[b] for b in bis], lp, shard.prefix)
+            fit, out = lp.new_zeros(()), lp.new_zeros(())
+            for pi, ii in items:
+                plan, key = self._plans[pi], self._key(pi, ii)
+                if plan.task.name not in tasks:
+                    continue
                 first = plan.first_seq[ii]
                 if plan.task.kind == "reference":
-                    values.append(lp[first] / n_tokens[first])
+                    term = -lp[first] / n_tokens[first]
                 else:
-                    options = lp[first : first + len(plan.chars[ii])]
-                    values.append(options[item["answer"]] - torch.logsumexp(options, 0))
-            total = total + plan.task.weight * torch.stack(values).mean()
-            weights += plan.task.weight
-        if not weights:
-            raise EvalError("the suite has no choice or reference task: nothing to learn from")
-        return -total / weights
+                    options = lp[first: first + len(plan.chars[ii])]
+                    logp = options - torch.logsumexp(options, 0)
+                    term = -(logp.exp() * logp).sum() if loss == "entropy" else -logp[plan.items[ii]["answer"]]
+                if key in holdout:
+                    out = out + coef[key] * term.detach()
+                else:
+                    fit = fit + coef[key] * term
+            if held is not None:
+                held.append(float(out))
+            yield fit
+
+    def smooth_loss(self, model) -> torch.Tensor:
+        """Minus the suite's smooth objective, differentiable in `model`'s parameters (run it with
+        gradients on): `loss_parts` summed into one tensor (one graph over the whole split)."""
+        return sum(self.loss_parts(model), torch.zeros((), dtype=torch.float64, device=self.device))
 
     def score_shards(self, model, order: list[int] | None = None, on_batch=None) -> Iterator[ShardScore]:
         """Score shard by shard (in `order`, default 0..n-1); each yields its examples' value of

@@ -155,7 +155,6 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
     leaderboard.csv and report.html. Running again with the same storage and study name resumes.
     """
     from search.config import load_config
-    from search.report import best_sentence, score_note, write_outputs
     from search.study import check_search_split, finished_count, run_search
 
     cfg = load_config(
@@ -217,6 +216,13 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
         finally:
             if started[1]:
                 bar.stop()
+    _finish(study, cfg, quiet)
+
+
+def _finish(study, cfg, quiet: bool) -> None:
+    """Write the run folder's outputs and print the leaderboard and the final sentence."""
+    from search.report import best_sentence, score_note, write_outputs
+
     summary, rows = write_outputs(study, cfg.out_dir)
     report = _write_report(study, cfg.out_dir / "report.html")
     if not quiet:
@@ -227,6 +233,50 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
         if report:
             click.echo(report)
     click.echo(f"{best_sentence(summary)}; outputs in {cfg.out_dir}/")
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--steps", type=int, help="Learner steps (study.learner.steps).")
+@click.option("--lr", type=float, help="Adam's learning rate (study.learner.lr).")
+@click.option("--start", type=click.Choice(["uniform", "best"]), help="Start from uniform or from the selected "
+              "candidate of the study's search (study.learner.start).")
+@click.option("--early-stop", type=float, help="Share of the search split held out for early stopping "
+              "(study.learner.early_stop).")
+@click.option("--storage", help="Optuna storage URL (default sqlite:///<out>/study.db).")
+@click.option("--study-name", help="Study name (default: the config's name).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default runs/<name>).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where sources live and models run.")
+@click.option("--search-on-test", is_flag=True, hidden=True)
+@click.option("-q", "--quiet", is_flag=True, help="No table: only the final sentence.")
+def learn(config, steps, lr, start, early_stop, storage, study_name, out, device, search_on_test, quiet) -> None:
+    """Learn merge weights by gradient for CONFIG (its study.learner, else the defaults) and score
+    them as the trial `learned` of its study, then write the run folder as `run` does.
+
+    A study with no trials yet gets its baselines first (each source alone, uniform), so that the
+    learned candidate has rows to be compared with; a study that `run` searched is learned from
+    (`--start best`) and added to. No black-box trials are run.
+    """
+    from search.config import load_config
+    from search.study import check_search_split, finished_count, run_search
+
+    common = {"study.storage": storage, "study.study_name": study_name, "out": out, "device": device}
+    given = {"steps": steps, "lr": lr, "start": start, "early_stop": early_stop}
+    cfg = load_config(config, **common)
+    if cfg.study.learner is None:
+        cfg = load_config(config, **common, **{"study.learner": {k: v for k, v in given.items() if v is not None}})
+    else:
+        cfg = load_config(config, **common, **{f"study.learner.{k}": v for k, v in given.items()})
+    check_search_split(cfg, search_on_test)
+    if any(m.path.startswith("demo:") for m in cfg.models):
+        from search.demo import ensure_demo_family
+
+        ensure_demo_family()
+    baselines = len(cfg.models) + 1 + len(cfg.baseline_methods)
+    trials = max(finished_count(cfg), min(baselines, cfg.study.n_trials))
+    cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"n_trials": trials})})
+    study = run_search(cfg, search_on_test=search_on_test)
+    _finish(study, cfg, quiet)
 
 
 def _run_workers(cfg, config: str | None, workers: int, search_on_test: bool, device: str | None) -> None:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.errors import ConfigError, field_path
-from search.methods import METHODS, baseline_methods, parameter_free
+from search.methods import LEARNABLE, METHODS, baseline_methods, parameter_free
 from search.yamlfile import read_yaml
 
 # The demo config, used when `merge-search run` gets no argument.
@@ -117,12 +117,20 @@ class EvalSpec(_Model):
 
 
 class LearnerSpec(_Model):
-    """Learned weights (search/learn.py): Adam on per-cell logits of a normalised linear merge,
-    minimising minus the search split's smooth objective; the result is scored as trial `learned`."""
+    """Learned weights (search/learn.py): Adam on the per-cell parameters of a linear,
+    task_arithmetic or slerp merge, minimising a loss on the search split; after the search the
+    result is scored as one more trial, labelled `learned`."""
 
     steps: int = Field(default=30, ge=1)
     lr: float = Field(default=0.05, gt=0)
-    l2: float = Field(default=0.0, ge=0)  # pull of the weights towards uniform (the start)
+    loss: Literal["ce", "entropy"] = "ce"  # ce: minus the smooth objective; entropy: AdaMerging's (README)
+    start: Literal["uniform", "best"] = "uniform"  # best: the candidate the search selected
+    l2: float = Field(default=0.0, ge=0)  # pull of the values towards `l2_to`
+    l2_to: Literal["start", "uniform"] = "start"
+    # early stopping: this share of the search split's examples is held out of the loss, the
+    # parameters of the step with the lowest held-out loss are kept; null: every step's loss fits
+    early_stop: float | None = Field(default=None, gt=0, lt=1)
+    patience: int = Field(default=5, ge=1)  # steps without a new lowest held-out loss before it stops
 
 
 class StudySpec(_Model):
@@ -145,7 +153,7 @@ class StudySpec(_Model):
     # grace_period s is marked failed and its parameters re-queued once (a dead worker's trial)
     heartbeat_interval: int = Field(default=30, ge=1)
     grace_period: int = Field(default=120, ge=2)
-    learner: LearnerSpec | None = None  # learn weights by gradient once, before the search (trial `learned`)
+    learner: LearnerSpec | None = None  # learn the weights by gradient after the search: one more trial, `learned`
 
 
 class RunConfig(_Model):
@@ -175,9 +183,9 @@ class RunConfig(_Model):
     def _learner(self) -> RunConfig:
         if self.study.learner is None:
             return self
-        if self.merge.method != "linear" or self.merge.normalize is False:
-            raise ValueError(f"study.learner learns the weights of merge.method linear with normalize: true, "
-                             f"not {self.merge.method}" + (" without normalize" if self.merge.normalize is False else ""))
+        if self.merge.method not in LEARNABLE:
+            raise ValueError(f"study.learner learns the parameters of merge.method {', '.join(LEARNABLE)} (a weighted "
+                             f"sum of whole tensors per cell), not {self.merge.method}")
         if self.eval.objectives and len(self.eval.objectives) > 1:
             raise ValueError("study.learner learns one objective; this study has "
                              f"{len(self.eval.objectives)} (eval.objectives)")
@@ -240,7 +248,9 @@ def _field_path(loc: tuple) -> str:
 
 # The `merge-search run` options that set config fields: an error in such a field names the option.
 CLI_OPTIONS = {"study.n_trials": "--trials", "study.timeout": "--timeout", "study.storage": "--storage",
-               "study.study_name": "--study-name", "out": "--out", "device": "--device"}
+               "study.study_name": "--study-name", "out": "--out", "device": "--device",
+               "study.learner.steps": "--steps", "study.learner.lr": "--lr", "study.learner.start": "--start",
+               "study.learner.early_stop": "--early-stop"}
 
 
 def _short(value: object, limit: int = 80) -> str:

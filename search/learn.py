@@ -1,136 +1,284 @@
-"""Learned merge weights (issue #13), the gradient core: the gradient of a loss of the live
-merged model with respect to the per-cell weights of a linear merge, without a graph through
-the merge.
+"""Learned merge weights (issue #13): the gradient of a loss of the live merged model with
+respect to the per-cell parameters of a merge, without a graph through the merge.
 
-In cell c (a group of layers x a filter, `MergeSpace.cells`) every tensor is p = sum_i w[c, i] x_i,
-x_i that tensor of source i, w[c] on the simplex (weights sum to 1, so mergekit's normalisation
-is the identity). Hence
+The learnable methods are those whose merged tensor is, per tensor, a weighted sum of its inputs
+with coefficients that depend on the cell's parameters (and on constants of that tensor):
 
-    dL/dw[c, i] = sum over the tensors p of cell c of <dL/dp, x_i>.
+    linear            p = sum_i w_i x_i / (sum_i w_i when normalize)
+    task_arithmetic   p = base + lambda sum_i w_i (x_i - base) (/ sum_i w_i when normalize)
+    slerp             p = sin((1-t) O) / sin O * a + sin(t O) / sin O * b,  O the angle of a and b
+                      (linear interpolation where |cos O| > 0.9995, as the merge)
 
-The live parameters require gradients for one backward pass; a post-accumulate hook on each
-reduces its gradient to those dot products with the source rows and frees it, so beyond
-autograd's own buffers one tensor's gradient is alive at a time, never one per source. The
-weights are a softmax of per-cell logits (they cannot leave the simplex), and `backward` chains
-the cell gradient through that softmax by its closed form.
+so for p = sum_j c_j(theta) x_j (the base one more x_j),
 
-Which cell a tensor belongs to is read off the resolved merge configuration of marker values
-(cell k has weight k + 1 on the first source), the same resolution that merges, scores and
-exports a candidate, so the learner cannot disagree with `to_config` about layers and filters.
+    dL/dtheta = sum over the tensors p of sum_j <dL/dp, x_j> dc_j/dtheta.
+
+The live parameters require gradients; a post-accumulate hook on each reduces its gradient to
+the dot products <dL/dp, x_j> with the source rows and frees it, so beyond autograd's own
+buffers one tensor's gradient is alive at a time. After the backward pass(es) the coefficients
+are built once more in a small float64 graph over the cells' parameters, and the dot products
+chain through it: the normalisation, the softmax and slerp's angle are autograd's to
+differentiate, not closed forms of ours. TIES and the DARE methods pick elements by magnitude
+and sign, so their merged tensor is no weighted sum of whole inputs; they are not learned.
+
+The parameters live unconstrained: a softmax of logits for weights on the simplex (normalised
+linear), `low + (high - low) * sigmoid(z)` for every other searched parameter over its search
+range (task_arithmetic's weights, slerp's t), so a learned candidate is always one the search
+could have drawn and `to_config` exports.
+
+Which cell a tensor belongs to is read off the resolved merge configuration of marker values,
+the same resolution that merges, scores and exports a candidate, so the learner cannot disagree
+with `to_config` about layers and filters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from search.errors import MergeSearchError
 from search.merger import InMemoryMerger, model_key
+from search.methods import LEARNABLE, SLERP_DOT_THRESHOLD, SLERP_EPS
 from search.space import MergeSpace
+
+EDGE = 1e-6  # a start value at a range's end (a weight of 0) is moved in by this much: its logit is finite
+
+Loss = Callable[[torch.nn.Module], "torch.Tensor | Iterable[torch.Tensor]"]
+
+
+def check_learnable(space: MergeSpace) -> None:
+    """MergeSearchError unless the learner can learn `space`'s parameters."""
+    if space.method not in LEARNABLE:
+        raise MergeSearchError(f"learned weights need merge.method linear, task_arithmetic or slerp (a weighted sum "
+                               f"of whole tensors per cell) but got {space.method}")
 
 
 def tensor_cells(merger: InMemoryMerger, space: MergeSpace) -> list[int]:
     """Index into `space.cells` of each of the merger's live tensors (in `merger.segments` order)."""
-    n = len(space.names)
-    markers = {cell: {"weight": [float(k + 1)] + [1.0] * (n - 1)} for k, cell in enumerate(space.cells)}
+    n, c = len(space.names), len(space.cells)
+    key = "weight" if "weight" in space.model_keys else space.shared_keys[0]
+    marker = [(k + 1) / (c + 1) for k in range(c)]  # inside every search range of [0, 1]
+    values = {}
+    for k, cell in enumerate(space.cells):
+        values[cell] = {key: [marker[k]] + [1.0] * (n - 1)} if key == "weight" else {key: [marker[k]]}
     first = model_key(space.models[space.names[0]])
     out = []
-    for rec in merger.recipes(space.to_config(markers)):
-        i = next(j for j, ref in enumerate(rec.models) if model_key(ref) == first)
-        w = float(rec.params[i]["weight"])
-        k = round(w) - 1
-        if abs(w - (k + 1)) > 1e-6 or not 0 <= k < len(space.cells):
-            raise MergeSearchError(f"tensor {rec.tensor}: its weight blends several cells ({w:g}); "
+    for rec in merger.recipes(space.to_config(values)):
+        if key == "weight":
+            i = next(j for j, ref in enumerate(rec.models) if model_key(ref) == first)
+            v = float(rec.params[i]["weight"])
+        else:
+            v = float(rec.shared[key])
+        k = round(v * (c + 1)) - 1
+        if abs(v * (c + 1) - (k + 1)) > 1e-6 or not 0 <= k < c:
+            raise MergeSearchError(f"tensor {rec.tensor}: its {key} blends several cells ({v:g}); "
                                    "the learner needs each tensor in one cell")
         out.append(k)
     return out
 
 
-class LinearWeightGradient:
-    """Per-cell weights of a linear merge as softmax(logits), applied to `merger`'s live model,
-    with the gradient of a scalar loss of that model with respect to the logits."""
+def held_out_examples(suite, fraction: float, seed: int, loss: str = "ce") -> set[str]:
+    """The examples early stopping holds out of the learning loss: `fraction` of each task's
+    examples of the search split `suite` (at least one of a task with two or more), drawn with
+    `seed`. They are never the test split's: the learner sees only the search split."""
+    if not 0 < fraction < 1:
+        raise MergeSearchError(f"early_stop must be a share of the examples in (0, 1) but got {fraction}")
+    out = set()
+    for task, keys in suite.loss_tasks(loss).items():
+        k = max(1, round(fraction * len(keys))) if len(keys) >= 2 else 0
+        out.update(random.Random(f"{seed}/{task}").sample(keys, k))
+    return out
+
+
+class WeightGradient:
+    """A learnable space's per-cell parameters theta (cells x columns, float64), applied to
+    `merger`'s live model, and the gradient of a loss of that model with respect to theta."""
 
     def __init__(self, merger: InMemoryMerger, space: MergeSpace):
-        if space.method != "linear" or not space.simplex:
-            raise MergeSearchError(f"learned weights need merge.method linear with normalize: true "
-                                   f"but got {space.method}" + ("" if space.simplex else " without normalize"))
+        check_learnable(space)
         self.merger, self.space = merger, space
         self.cells = tensor_cells(merger, space)
-        self.rows = [merger.keys[model_key(space.models[name])] for name in space.names]
+        names = list(space.names)
+        base_row = space.method == "task_arithmetic"
+        self.rows = [merger.keys[model_key(space.models[n])] for n in names]
+        if base_row:
+            self.rows.append(merger.keys[model_key(space.base)])
         self.params = [dict(merger.model.named_parameters())[s.name] for s in merger.segments]
-        self.shape = (len(space.cells), len(space.names))
+        self.columns = 1 if space.method == "slerp" else len(names)
+        self.shape = (len(space.cells), self.columns)
+        self._index = torch.tensor(self.cells)
+        self._angles = self._slerp_angles() if space.method == "slerp" else None
 
-    def weights(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.double(), dim=-1)
+    # --- theta <-> the space's values ------------------------------------------------------
 
-    def values(self, logits: torch.Tensor) -> dict:
-        """The space's values of `logits` (what `to_config` exports and the merger applies)."""
-        w = self.weights(logits)
-        return {cell: {"weight": w[k].tolist()} for k, cell in enumerate(self.space.cells)}
+    def _bounds(self, key: str) -> tuple[float, float]:
+        return self.space._range(key)
 
-    def apply(self, logits: torch.Tensor) -> None:
-        """Merge the weights of `logits` into the live model."""
-        if tuple(logits.shape) != self.shape:
-            raise MergeSearchError(f"logits need shape {self.shape} (cells x sources) but got {tuple(logits.shape)}")
-        self.merger.apply(self.space.to_config(self.values(logits)))
+    def decode(self, theta: torch.Tensor) -> torch.Tensor:
+        """The parameters' values (cells x columns): weights, or slerp's t; differentiable."""
+        if self.space.method != "slerp" and self.space.simplex:
+            return torch.softmax(theta, dim=-1)
+        lo, hi = self._bounds("t" if self.space.method == "slerp" else "weight")
+        return lo + (hi - lo) * torch.sigmoid(theta)
 
-    def backward(self, logits: torch.Tensor, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> tuple[float, torch.Tensor]:
-        """Apply `logits`, evaluate `loss_fn(model)` with gradients on, and return (loss, dL/dlogits)."""
-        self.apply(logits)
-        grad_w = torch.zeros(self.shape, dtype=torch.float64)
+    def encode(self, values: dict) -> torch.Tensor:
+        """theta of the space's `values` (a start): values at a range's end move in by EDGE."""
+        key = "t" if self.space.method == "slerp" else "weight"
+        x = torch.tensor([values[cell][key] for cell in self.space.cells], dtype=torch.float64)
+        if self.space.method != "slerp" and self.space.simplex:
+            x = x / x.sum(-1, keepdim=True)
+            return torch.log(x.clamp(min=EDGE))
+        lo, hi = self._bounds(key)
+        u = ((x - lo) / (hi - lo)).clamp(EDGE, 1 - EDGE)
+        return torch.log(u) - torch.log1p(-u)
+
+    def weights(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.decode(theta.double())
+
+    def values(self, theta: torch.Tensor) -> dict:
+        """The space's values of `theta` (what `to_config` exports and the merger applies)."""
+        v = self.decode(theta.detach().double())
+        key = "t" if self.space.method == "slerp" else "weight"
+        return {cell: {key: v[k].tolist()} for k, cell in enumerate(self.space.cells)}
+
+    def apply(self, theta: torch.Tensor) -> None:
+        """Merge the values of `theta` into the live model."""
+        if tuple(theta.shape) != self.shape:
+            raise MergeSearchError(f"logits need shape {self.shape} (cells x {'t' if self.columns == 1 else 'sources'}) "
+                                   f"but got {tuple(theta.shape)}")
+        self.merger.apply(self.space.to_config(self.values(theta)))
+
+    # --- the coefficients of each tensor's inputs ------------------------------------------
+
+    def _slerp_angles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor: slerp's angle between its two inputs, and whether the merge interpolates
+        linearly there (nearly parallel inputs), as the merge decides it."""
+        omega, linear = [], []
+        for seg in self.merger.segments:
+            a, b = (x.double() for x in self.merger._slices(self.rows, seg.offset, seg.offset + seg.numel))
+            na, nb = (float(torch.linalg.vector_norm(x)) for x in (a, b))
+            na, nb = (n if n > SLERP_EPS else 1.0 for n in (na, nb))
+            cos = max(-1.0, min(1.0, float(torch.dot(a, b)) / (na * nb)))
+            linear.append(abs(cos) > SLERP_DOT_THRESHOLD)
+            omega.append(1.0 if linear[-1] else math.acos(cos))  # 1.0: any angle, unused where linear
+        return torch.tensor(omega, dtype=torch.float64), torch.tensor(linear)
+
+    def coefficients(self, theta: torch.Tensor) -> torch.Tensor:
+        """Per tensor (segments x rows) the coefficient of each row in its merge; differentiable."""
+        v = self.decode(theta)[self._index]  # segments x columns
+        space = self.space
+        if space.method == "slerp":
+            omega, linear = self._angles
+            t = v[:, 0]
+            a = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / torch.sin(omega))
+            b = torch.where(linear, t, torch.sin(t * omega) / torch.sin(omega))
+            return torch.stack([a, b], dim=-1)
+        w = v / v.sum(-1, keepdim=True) if space.normalize else v
+        if space.method == "linear":
+            return w
+        d = space.lambda_ * w  # task_arithmetic: the base's coefficient is what the deltas leave
+        return torch.cat([d, 1 - d.sum(-1, keepdim=True)], dim=-1)
+
+    def surrogate(self, theta: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+        """sum over tensors and rows of dots * coefficients: its gradient in theta is the loss's."""
+        return (self.coefficients(theta) * dots).sum()
+
+    # --- the gradient ----------------------------------------------------------------------
+
+    def dots(self, loss_fn: Loss) -> tuple[float, torch.Tensor]:
+        """Evaluate `loss_fn(model)` with gradients on the live parameters and backpropagate it
+        (a tensor, or an iterable of parts, each backpropagated on its own so that one part's
+        activations are alive at a time); return the loss and each tensor's dot products with
+        its rows (segments x rows, float64)."""
+        out = torch.zeros((len(self.params), len(self.rows)), dtype=torch.float64)
         handles = []
-        for seg, cell, p in zip(self.merger.segments, self.cells, self.params):
-            def reduce(p, seg=seg, cell=cell):
-                g = p.grad.reshape(-1)
+        for s, (seg, p) in enumerate(zip(self.merger.segments, self.params)):
+            def reduce(p, seg=seg, s=s):
+                g = p.grad.reshape(-1).float()
                 for j, x in enumerate(self.merger._slices(self.rows, seg.offset, seg.offset + seg.numel)):
-                    grad_w[cell, j] += torch.dot(g, x.to(g.dtype)).double().cpu()
+                    out[s, j] += torch.dot(g, x.float()).double().cpu()
                 p.grad = None  # freed: one tensor's gradient at a time
 
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(reduce))
+        total = 0.0
         try:
             with torch.enable_grad():
-                loss = loss_fn(self.merger.model)
-                loss.backward()
+                parts = loss_fn(self.merger.model)
+                for part in [parts] if isinstance(parts, torch.Tensor) else parts:
+                    if part.requires_grad:
+                        part.backward()
+                    total += float(part.detach())
         finally:
             for h in handles:
                 h.remove()
             for p in self.params:
                 p.requires_grad_(False)
                 p.grad = None
-        w = self.weights(logits)
-        # softmax's Jacobian: dL/dlogit[c, i] = w[c, i] * (dL/dw[c, i] - sum_j w[c, j] dL/dw[c, j])
-        return float(loss.detach()), w * (grad_w - (w * grad_w).sum(-1, keepdim=True))
+        return total, out
+
+    def backward(self, theta: torch.Tensor, loss_fn: Loss) -> tuple[float, torch.Tensor]:
+        """Apply `theta`, evaluate `loss_fn(model)` with gradients on, and return (loss, dL/dtheta)."""
+        self.apply(theta)
+        loss, dots = self.dots(loss_fn)
+        th = theta.detach().double().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.surrogate(th, dots), th)
+        return loss, grad
+
+
+LinearWeightGradient = WeightGradient  # the first part's name (linear only)
 
 
 @dataclass
 class Learned:
-    logits: torch.Tensor  # cells x sources, after the last step
-    losses: list[float]  # the loss before each step's update
+    logits: torch.Tensor  # cells x columns: the returned parameters (the best held-out step's with early stopping)
+    losses: list[float]  # the fitted loss before each step's update
+    held: list[float] = field(default_factory=list)  # the held-out loss before each step's update (early stopping)
+    best_step: int | None = None  # the step whose parameters were returned (early stopping)
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
 
-def learn(learner: LinearWeightGradient, loss_fn: Callable[[torch.nn.Module], torch.Tensor], *, steps: int = 30,
-          lr: float = 0.05, l2: float = 0.0, start: torch.Tensor | None = None) -> Learned:
-    """Adam on the logits for `steps` steps from `start` (default: uniform weights), minimising
-    `loss_fn` plus `l2` times the squared distance of the weights to the start's weights; the
-    live model holds the last step's merge on return."""
-    if steps < 1 or lr <= 0 or l2 < 0:
-        raise MergeSearchError(f"learning needs steps >= 1, lr > 0 and l2 >= 0 but got {steps}, {lr}, {l2}")
+def learn(learner: WeightGradient, loss_fn: Loss, *, steps: int = 30, lr: float = 0.05, l2: float = 0.0,
+          start: torch.Tensor | None = None, anchor: torch.Tensor | None = None,
+          held: Callable[[], float | None] | None = None, patience: int = 5) -> Learned:
+    """Adam on theta for `steps` steps from `start` (default: the zero logits, i.e. uniform
+    weights or each range's middle), minimising `loss_fn` plus `l2` times the squared distance of
+    the values to `anchor`'s (default: the start's). held(): after each gradient evaluation, the
+    held-out loss at the same parameters (None: no early stopping); the parameters with the
+    lowest one are returned, and learning stops after `patience` steps without a new lowest.
+    The live model holds the returned parameters' merge."""
+    if steps < 1 or lr <= 0 or l2 < 0 or patience < 1:
+        raise MergeSearchError(f"learning needs steps >= 1, lr > 0, l2 >= 0 and patience >= 1 but got "
+                               f"{steps}, {lr}, {l2}, {patience}")
     theta = torch.zeros(learner.shape, dtype=torch.float64) if start is None else start.detach().double().clone()
-    anchor = learner.weights(theta).detach()
+    pull = learner.weights(theta if anchor is None else anchor.double()).detach()
     theta.requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
-    losses = []
-    for _ in range(steps):
+    out = Learned(theta.detach().clone(), [])
+    best = math.inf
+    for step in range(steps):
         loss, grad = learner.backward(theta.detach(), loss_fn)
-        losses.append(loss)
+        out.losses.append(loss)
+        h = held() if held is not None else None
+        if h is not None:
+            out.held.append(h)
+            if h < best:
+                best, out.best_step, out.logits = h, step, theta.detach().clone()
+            elif step - out.best_step >= patience:
+                break
         opt.zero_grad()
         if l2:
-            (l2 * ((learner.weights(theta) - anchor) ** 2).sum()).backward()
+            (l2 * ((learner.weights(theta) - pull) ** 2).sum()).backward()
         theta.grad = grad if theta.grad is None else theta.grad + grad
         opt.step()
-    final = theta.detach()
-    learner.apply(final)
-    return Learned(final, losses)
+    if held is None or not out.held:
+        out.logits = theta.detach().clone()
+    learner.apply(out.logits)
+    return out

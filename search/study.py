@@ -121,7 +121,8 @@ def _check_budget(trial: optuna.Trial, n_trials: int, grace_period: float) -> No
               if t.number < trial.number and not _dead(t, now, host, grace_period)]
     label = trial.user_attrs.get("label")
     duplicate = label is not None and any(t.user_attrs.get("label") == label for t in others)
-    if len(others) >= n_trials or duplicate:
+    over = label != LEARNED and sum(in_budget(t) for t in others) >= n_trials  # learned: one trial past the budget
+    if over or duplicate:
         trial.set_user_attr("surplus", "duplicate baseline" if duplicate else "over the budget")
         raise SurplusTrial(f"trial {trial.number} is surplus")
 
@@ -141,7 +142,7 @@ def _stop_when_done(n_trials: int):
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("surplus") == "over the budget":
             study.stop()
-        elif len(finished(study)) >= n_trials:
+        elif len(budget_finished(study)) >= n_trials:
             study.stop()
     return callback
 
@@ -191,12 +192,26 @@ def finished_count(cfg: RunConfig) -> int:
         study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(url, create=False))
     except KeyError:
         return 0
-    return len(finished(study))
+    return len(budget_finished(study))
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return study.get_trials(deepcopy=False, states=states)
+
+
+LEARNED = "learned"  # the label of the trial `study.learner` produces
+
+
+def in_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether `t` counts toward `study.n_trials`: every trial but the learned one, which the
+    learner adds after the search."""
+    return t.user_attrs.get("label") != LEARNED
+
+
+def budget_finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials that count toward `study.n_trials`."""
+    return [t for t in finished(study) if in_budget(t)]
 
 
 @dataclass
@@ -226,9 +241,6 @@ def n_examples(suite, split: str) -> int:
     """Examples with a score of their own on `split` (lm-eval tasks count none)."""
     return sum(len(t.items(split)) for t in suite.tasks if t.kind != "lmeval"
                and (split in t.files or ANY_SPLIT in t.files))
-
-
-LEARNED = "learned"  # the label of the trial `study.learner` produces
 
 
 @dataclass
@@ -384,7 +396,7 @@ class Searcher:
         steer the search."""
         trials = study.get_trials(deepcopy=False)
         have = {t.user_attrs.get("label") for t in trials}
-        room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)  # a budget below the baselines: the first
+        room = self.cfg.study.n_trials - sum(t.state in _LIVE and in_budget(t) for t in trials)  # a budget below the baselines: the first
         collapsed = collapsed_stick(study.sampler)
         for label, values in self.space.baselines():
             if label not in have and room > 0:
@@ -392,28 +404,53 @@ class Searcher:
                 room -= 1
         self.enqueue_method_rows(study)
 
-    def enqueue_learned(self, study: optuna.Study) -> None:
-        """Learn weights by gradient (`study.learner`) on the search split and enqueue them as the
-        trial labelled `learned`, unless the study has it: the objective then scores it as every
-        candidate, so the leaderboard, the re-score on test, the intervals and the export treat
-        it as one. The learner reads the search split only."""
-        from search.learn import LinearWeightGradient, learn
+    def learn_candidate(self, study: optuna.Study, callbacks=()) -> None:
+        """Learn parameters by gradient (`study.learner`, search/learn.py) on the search split and
+        score them as the trial labelled `learned`, unless the study has it: one trial past
+        `study.n_trials`, after the search, scored as every candidate (the leaderboard, the
+        re-score on test, the intervals and the export treat it as one). It starts from uniform
+        or from the selected candidate so far (`start: best`), and reads the search split only."""
+        from search.learn import WeightGradient, held_out_examples, learn
 
-        trials = study.get_trials(deepcopy=False)
-        if any(t.user_attrs.get("label") == LEARNED for t in trials):
-            return
-        if self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials) <= 0:
+        if any(t.user_attrs.get("label") == LEARNED for t in study.get_trials(deepcopy=False)):
             return
         spec = self.cfg.study.learner
-        learner = LinearWeightGradient(self.merger, self.space)
+        learner = WeightGradient(self.merger, self.space)
+        uniform = dict(self.space.baselines())["uniform"]
+        start, start_trial = uniform, None
+        if spec.start == "best":
+            done = [t for t in complete_trials(study) if BASELINE_METHOD not in t.user_attrs and "cells" in t.user_attrs]
+            if done:
+                best = select(done, self.cfg.study.select)
+                start, start_trial = best.user_attrs["cells"], best.number
+        theta0 = learner.encode(start)
+        anchor = learner.encode(uniform) if spec.l2_to == "uniform" else theta0
+        suite = self.objectives[0].search
+        holdout = held_out_examples(suite, spec.early_stop, self.cfg.study.seed, spec.loss) if spec.early_stop else set()
+        held_parts: list[float] = []
+
+        def loss(model):
+            return suite.loss_parts(model, loss=spec.loss, holdout=holdout, held=held_parts)
+
+        def held() -> float | None:
+            value = sum(held_parts)
+            held_parts.clear()
+            return value if holdout else None
+
         t0 = time.perf_counter()
-        result = learn(learner, self.objectives[0].search.smooth_loss, steps=spec.steps, lr=spec.lr, l2=spec.l2)
-        log.info("learned weights in %d steps (%.1fs): loss %.4f -> %.4f", spec.steps, time.perf_counter() - t0,
-                 result.losses[0], result.losses[-1])
+        result = learn(learner, loss, steps=spec.steps, lr=spec.lr, l2=spec.l2, start=theta0, anchor=anchor,
+                       held=held if holdout else None, patience=spec.patience)
+        seconds = time.perf_counter() - t0
+        log.info("learned %s in %d steps (%.1fs): loss %.4f -> %.4f%s", self.space.method, result.steps, seconds,
+                 result.losses[0], result.losses[-1],
+                 f"; lowest held-out loss at step {result.best_step}" if result.best_step is not None else "")
         params = self.space.params_for(learner.values(result.logits), collapsed_stick(study.sampler))
-        study.enqueue_trial(params, user_attrs={"label": LEARNED, "learner": {
-            **spec.model_dump(), "loss_first": result.losses[0], "loss_last": result.losses[-1],
-            "seconds": round(time.perf_counter() - t0, 2)}})
+        info = {**spec.model_dump(), "start_trial": start_trial, "steps_run": result.steps, "seconds": round(seconds, 2),
+                "loss_first": result.losses[0], "loss_last": result.losses[-1], "held_out": len(holdout)}
+        if result.best_step is not None:
+            info.update(best_step=result.best_step, held_best=min(result.held))
+        study.enqueue_trial(params, user_attrs={"label": LEARNED, "learner": info})
+        study.optimize(self.objective, n_trials=1, callbacks=list(callbacks))
 
     def enqueue_method_rows(self, study: optuna.Study) -> None:
         """The rows of `cfg.baseline_methods` not in the study yet, once the budget has just room
@@ -425,7 +462,7 @@ class Searcher:
         trials = study.get_trials(deepcopy=False)
         have = {t.user_attrs.get("label") for t in trials}
         todo = [m for m in self.cfg.baseline_methods if m not in have]
-        room = self.cfg.study.n_trials - sum(t.state in _LIVE for t in trials)
+        room = self.cfg.study.n_trials - sum(t.state in _LIVE and in_budget(t) for t in trials)
         # workers of one `run --workers K` may each take a slot between two of these checks
         others = max(0, int(os.environ.get(WORKERS_ENV, "1")) - 1)
         if not todo or room > len(todo) + others:
@@ -530,7 +567,7 @@ def run_search(
     searcher.on_batch = on_batch
     try:
         study = create_study(cfg, searcher.space, searcher.pruning)
-        remaining = cfg.study.n_trials - len(finished(study))
+        remaining = cfg.study.n_trials - len(budget_finished(study))
         merge = {"models": list(searcher.space.names), "dtype": cfg.dtype,
                  **cfg.merge.model_dump(mode="json", by_alias=True,
                                         exclude={"base_model"} | (set() if cfg.merge.ranges else {"ranges"}))}
@@ -549,8 +586,6 @@ def run_search(
         study.set_user_attr(SELECT_ATTR, cfg.study.select)
         study.set_user_attr(BOOTSTRAP_ATTR, cfg.eval.bootstrap)
         searcher.enqueue_baselines(study)
-        if cfg.study.learner is not None:
-            searcher.enqueue_learned(study)
         if remaining > 0:
             log.info("study %r: %d finished trials, running %d more with %s", cfg.study_name,
                      cfg.study.n_trials - remaining, remaining, sampler_name(study.sampler))
@@ -562,7 +597,9 @@ def run_search(
             study.optimize(searcher.objective, n_trials=remaining, timeout=cfg.study.timeout, callbacks=callbacks,
                            catch=(SurplusTrial,))
         else:
-            log.info("study %r already has %d finished trials: nothing to run", cfg.study_name, len(finished(study)))
+            log.info("study %r already has %d finished trials: nothing to run", cfg.study_name, len(budget_finished(study)))
+        if rescore and cfg.study.learner is not None:
+            searcher.learn_candidate(study, [on_trial] if on_trial else [])
         if rescore:
             searcher.rescore_test(study)
     finally:

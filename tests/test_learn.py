@@ -8,22 +8,45 @@ import torch
 
 from search.checkpoints import open_checkpoint
 from search.errors import MergeSearchError
-from search.learn import LinearWeightGradient, tensor_cells
+from search.learn import WeightGradient, tensor_cells
 from search.merger import InMemoryMerger
 from search.space import MergeSpace
 from tiny import make_family
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 NAMES = ("m0", "m1", "m2")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    paths = make_family(tmp_path_factory.mktemp("learn"))
-    merger = InMemoryMerger([open_checkpoint(n, p) for n, p in zip(NAMES, paths)], device="cpu")
-    space = MergeSpace("linear", {n: str(p) for n, p in zip(NAMES, paths)}, normalize=True, granularity=1,
-                       filters=["self_attn"], num_layers=merger.num_layers)
+def family(tmp_path_factory):
+    """Four tiny random Llamas (the fourth the base of task_arithmetic) and a merger over them."""
+    paths = make_family(tmp_path_factory.mktemp("learn"), n=4)
+    merger = InMemoryMerger([open_checkpoint(n, p) for n, p in zip((*NAMES, "base"), paths)], device="cpu")
     ids = torch.randint(6, merger.model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
-    return merger, space, paths, ids
+    return merger, paths, ids
+
+
+def _space(method: str, paths, num_layers: int, **kw) -> MergeSpace:
+    names = NAMES[:2] if method == "slerp" else NAMES
+    models = {n: str(p) for n, p in zip(names, paths)}
+    base = str(paths[3]) if method == "task_arithmetic" else None
+    return MergeSpace(method, models, base=base, granularity=1, filters=["self_attn"], num_layers=num_layers, **kw)
+
+
+SPACES = {  # id -> (method, MergeSpace keywords)
+    "linear": ("linear", {"normalize": True}),
+    "linear-unnormalized": ("linear", {"normalize": False, "weight_range": (0.0, 1.5)}),
+    "task_arithmetic": ("task_arithmetic", {"lambda_": 0.8}),
+    "task_arithmetic-normalized": ("task_arithmetic", {"normalize": True}),
+    "slerp": ("slerp", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(family):
+    merger, paths, ids = family
+    return merger, _space("linear", paths, merger.num_layers, normalize=True), paths, ids
 
 
 def _loss(ids):
@@ -33,82 +56,152 @@ def _loss(ids):
     return loss
 
 
-def test_each_tensor_is_in_the_cell_of_its_layer_and_filter(setup):
-    merger, space, _, _ = setup
-    cells = dict(zip((s.name for s in merger.segments), (space.cells[k] for k in tensor_cells(merger, space))))
-    assert space.cells == ["g0.self_attn", "g0.rest", "g1.self_attn", "g1.rest"]
-    assert cells["model.layers.0.self_attn.q_proj.weight"] == "g0.self_attn"
-    assert cells["model.layers.1.self_attn.o_proj.weight"] == "g1.self_attn"
-    assert cells["model.layers.0.mlp.up_proj.weight"] == "g0.rest"
-    assert cells["model.layers.1.input_layernorm.weight"] == "g1.rest"
-    assert cells["model.embed_tokens.weight"] == "g0.rest"  # before the layers: the first group
-    # mergekit reads a per-layer list at t = 0 for every tensor outside the layers: its first value
-    assert cells["lm_head.weight"] == "g0.rest" and cells["model.norm.weight"] == "g0.rest"
+def _explicit(space: MergeSpace, values: torch.Tensor, x: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """One tensor of the merge of `space` with a cell's `values` (weights, or [t]), written out
+    from the methods' definitions (search/methods/) in float64, differentiable in `values`."""
+    x = [t.double() for t in x]
+    if space.method == "slerp":
+        a, b, t = x[0], x[1], values[0]
+        cos = torch.dot(a.flatten(), b.flatten()) / (a.norm() * b.norm())
+        if cos.abs() > 0.9995:  # nearly parallel (the norms' ones): slerp interpolates linearly
+            return (1 - t) * a + t * b
+        omega = torch.acos(cos)
+        return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    total = values.sum() if space.normalize else 1.0
+    if space.method == "linear":
+        return sum(values[i] * x[i] for i in range(len(x))) / total
+    base = base.double()
+    return base + space.lambda_ * sum(values[i] * (x[i] - base) for i in range(len(x))) / total
 
 
-def test_the_hook_reduced_gradient_is_autograd_through_an_explicit_merge(setup):
+def test_each_tensor_is_in_the_cell_of_its_layer_and_filter(family):
+    merger, paths, _ = family
+    for method in ("linear", "slerp"):  # a weight marker, a t marker
+        space = _space(method, paths, merger.num_layers)
+        cells = dict(zip((s.name for s in merger.segments), (space.cells[k] for k in tensor_cells(merger, space))))
+        assert space.cells == ["g0.self_attn", "g0.rest", "g1.self_attn", "g1.rest"]
+        assert cells["model.layers.0.self_attn.q_proj.weight"] == "g0.self_attn"
+        assert cells["model.layers.1.self_attn.o_proj.weight"] == "g1.self_attn"
+        assert cells["model.layers.0.mlp.up_proj.weight"] == "g0.rest"
+        assert cells["model.layers.1.input_layernorm.weight"] == "g1.rest"
+        assert cells["model.embed_tokens.weight"] == "g0.rest"  # before the layers: the first group
+        # mergekit reads a per-layer list at t = 0 for every tensor outside the layers: its first value
+        assert cells["lm_head.weight"] == "g0.rest" and cells["model.norm.weight"] == "g0.rest"
+
+
+@pytest.mark.parametrize("case", list(SPACES))
+def test_the_hook_reduced_gradient_is_autograd_through_an_explicit_merge(family, case):
     from safetensors.torch import load_file
     from torch.func import functional_call
 
-    merger, space, paths, ids = setup
-    learner = LinearWeightGradient(merger, space)
-    logits = torch.randn(learner.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    loss, grad = learner.backward(logits, _loss(ids))
+    merger, paths, ids = family
+    method, kw = SPACES[case]
+    space = _space(method, paths, merger.num_layers, **kw)
+    learner = WeightGradient(merger, space)
+    theta0 = torch.randn(learner.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss, grad = learner.backward(theta0, _loss(ids))
 
     sources = [load_file(p / "model.safetensors") for p in paths]
-    theta = logits.clone().requires_grad_(True)
-    w = torch.softmax(theta, -1).float()
+    n = len(space.names)
+    theta = theta0.clone().requires_grad_(True)
+    values = learner.decode(theta)
     cells = tensor_cells(merger, space)
-    params = {s.name: sum(w[c, i] * sources[i][s.name] for i in range(len(NAMES)))
+    params = {s.name: _explicit(space, values[c], [sources[i][s.name] for i in range(n)], sources[3][s.name]).float()
               for s, c in zip(merger.segments, cells)}
     ref = _loss(ids)(_FunctionalModel(merger.model, params, functional_call))
     ref.backward()
     assert loss == pytest.approx(float(ref.detach()), rel=1e-5)
-    assert torch.allclose(grad, theta.grad, rtol=1e-4, atol=1e-7), (grad, theta.grad)
-    assert grad.abs().sum() > 0 and torch.allclose(grad.sum(-1), torch.zeros(len(space.cells), dtype=torch.float64),
-                                                   atol=1e-9)  # softmax: shifting a cell's logits changes nothing
+    assert grad.abs().sum() > 0 and torch.allclose(grad, theta.grad, rtol=1e-4, atol=1e-7), (grad, theta.grad)
+    if space.simplex:  # softmax: shifting a cell's logits changes nothing
+        assert torch.allclose(grad.sum(-1), torch.zeros(len(space.cells), dtype=torch.float64), atol=1e-9)
 
 
-def test_the_gradient_matches_finite_differences_per_cell(setup):
-    merger, space, _, ids = setup
-    learner = LinearWeightGradient(merger, space)
-    logits = torch.randn(learner.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    _, grad = learner.backward(logits, _loss(ids))
+@pytest.mark.parametrize("case", list(SPACES))
+def test_the_gradient_matches_finite_differences_of_the_real_merge(family, case):
+    """Finite differences through the merger's own merge (search/methods/): per cell and column."""
+    merger, paths, ids = family
+    method, kw = SPACES[case]
+    learner = WeightGradient(merger, _space(method, paths, merger.num_layers, **kw))
+    theta = torch.randn(learner.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, grad = learner.backward(theta, _loss(ids))
     eps = 0.05  # float32 losses (Llama's norms compute in float32): a step large enough to stand out of their noise
     for c in range(learner.shape[0]):
         for i in range(learner.shape[1]):
-            step = torch.zeros_like(logits)
+            step = torch.zeros_like(theta)
             step[c, i] = eps
             values = []
             for sign in (1, -1):
-                learner.apply(logits + sign * step)
+                learner.apply(theta + sign * step)
                 with torch.no_grad():
                     values.append(float(_loss(ids)(merger.model)))
             fd = (values[0] - values[1]) / (2 * eps)
-            assert fd == pytest.approx(float(grad[c, i]), rel=0.05, abs=1e-4), (space.cells[c], NAMES[i])
+            assert fd == pytest.approx(float(grad[c, i]), rel=0.05, abs=1e-4), (learner.space.cells[c], i)
     assert grad.abs().max() > 20 * 1e-4  # the absolute tolerance is well below the largest gradients
 
 
-def test_the_learned_weights_stay_on_the_simplex_and_export_as_the_space_does(setup):
-    merger, space, _, _ = setup
-    learner = LinearWeightGradient(merger, space)
-    logits = torch.tensor([[30.0, -30.0, 0.0]] * len(space.cells), dtype=torch.float64)
+def test_a_loss_in_parts_has_the_gradient_of_their_sum(setup):
+    merger, space, _, ids = setup
+    learner = WeightGradient(merger, space)
+    theta = torch.randn(learner.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole, grad = learner.backward(theta, _loss(ids))
+    parts = lambda model: (_loss(ids[i:i + 1])(model) / 3 for i in range(3))  # noqa: E731 (equal row lengths)
+    summed, grad_parts = learner.backward(theta, parts)
+    assert summed == pytest.approx(whole, rel=1e-5)
+    assert torch.allclose(grad_parts, grad, rtol=1e-4, atol=1e-8)
+
+
+def test_the_learned_values_stay_in_the_space_and_export_as_the_space_does(family):
+    merger, paths, _ = family
+    learner = WeightGradient(merger, _space("linear", paths, merger.num_layers, normalize=True))
+    logits = torch.tensor([[30.0, -30.0, 0.0]] * len(learner.space.cells), dtype=torch.float64)
     values = learner.values(logits)
     for v in values.values():
         assert all(x >= 0 for x in v["weight"]) and sum(v["weight"]) == pytest.approx(1.0)
-    assert space.to_config(values)["parameters"]["normalize"] is True
+    assert learner.space.to_config(values)["parameters"]["normalize"] is True
     with pytest.raises(MergeSearchError, match=r"logits need shape \(4, 3\)"):
         learner.apply(torch.zeros(2, 3))
+    start = {cell: {"weight": [0.2, 0.0, 0.8]} for cell in learner.space.cells}  # a 0 at the simplex's edge
+    back = learner.values(learner.encode(start))
+    assert all(v["weight"] == pytest.approx([0.2, 0.0, 0.8], abs=1e-5) for v in back.values())
+    ranged = WeightGradient(merger, _space("task_arithmetic", paths, merger.num_layers, weight_range=(-0.5, 1.5)))
+    big = ranged.values(torch.full(ranged.shape, 50.0, dtype=torch.float64))
+    assert all(v["weight"] == pytest.approx([1.5] * 3) for v in big.values())
+    middle = {cell: {"weight": [0.1, 0.7, 1.5]} for cell in ranged.space.cells}
+    assert all(v["weight"] == pytest.approx([0.1, 0.7, 1.5], abs=1e-5)
+               for v in ranged.values(ranged.encode(middle)).values())
+    slerp = WeightGradient(merger, _space("slerp", paths, merger.num_layers))
+    assert slerp.shape == (4, 1) and all(v["t"] == [0.5] for v in slerp.values(torch.zeros(4, 1)).values())
 
 
-def test_only_normalized_linear_merges_are_learned(setup):
-    _, _, paths, _ = setup
+def test_methods_that_pick_elements_are_not_learned(family):
+    merger, paths, _ = family
     models = {n: str(p) for n, p in zip(NAMES, paths)}
-    merger = setup[0]
-    for space in (MergeSpace("task_arithmetic", models, base=str(paths[0]), num_layers=2),
-                  MergeSpace("linear", models, normalize=False, num_layers=2)):
-        with pytest.raises(MergeSearchError, match="learned weights need merge.method linear with normalize: true"):
-            LinearWeightGradient(merger, space)
+    for method in ("ties", "dare_linear", "della"):
+        space = MergeSpace(method, models, base=str(paths[3]), num_layers=merger.num_layers)
+        with pytest.raises(MergeSearchError, match=f"linear, task_arithmetic or slerp .* but got {method}"):
+            WeightGradient(merger, space)
+
+
+def test_early_stopping_returns_the_best_held_out_step_and_stops_after_patience(setup):
+    """A held-out loss that falls to its lowest at step 2 and then rises: learn returns step 2's
+    parameters, stops `patience` steps later, and the live model holds that merge."""
+    from search.learn import learn
+
+    merger, space, _, ids = setup
+    learner = WeightGradient(merger, space)
+    held = iter([3.0, 2.0, 1.0, 1.5, 1.6, 1.7, 1.8, 1.9])
+    seen = []
+    loss = _loss(ids)
+
+    def fn(model):
+        seen.append(next(p for p in merger.model.parameters()).detach().clone())
+        return loss(model)
+
+    out = learn(learner, fn, steps=20, lr=0.1, held=lambda: next(held), patience=3)
+    assert out.best_step == 2 and out.steps == 6 and out.held == [3.0, 2.0, 1.0, 1.5, 1.6, 1.7]
+    assert torch.equal(next(p for p in merger.model.parameters()), seen[2])  # step 2's merge is live
+    with pytest.raises(MergeSearchError, match="patience >= 1"):
+        learn(learner, fn, steps=2, patience=0)
 
 
 class _FunctionalModel:
@@ -138,7 +231,7 @@ def demo_learner(demo_family):
                        num_layers=merger.num_layers)
     suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
                       AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
-    learner = LinearWeightGradient(merger, space)
+    learner = WeightGradient(merger, space)
     return merger, suite, learner
 
 
@@ -181,14 +274,23 @@ def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_learner)
         learn(learner, suite.smooth_loss, steps=0)
 
 
+def _demo_config(tmp_path, name: str = "learn.yaml", **study):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["study"].update(study)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
 @pytest.mark.slow
 def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family, tmp_path):
-    """`study.learner` in `run`: the learned weights are trial `learned`, scored on the search split
-    like every candidate (above uniform on the smooth objective it learned), and a resumed run
-    does not learn again."""
+    """`study.learner` in `run`: after the search, the learned weights are trial `learned`, one
+    trial past study.n_trials, scored on the search split like every candidate (above uniform on
+    the smooth objective it learned); a resumed run searches on and does not learn again."""
     import csv
     import json
-    from pathlib import Path
 
     import yaml
     from click.testing import CliRunner
@@ -196,18 +298,16 @@ def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family,
     from search.cli import main
     from search.demo import MODEL_NAMES as MODEL_NAMES_DEMO
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    cfg["study"].update(learner={"steps": 8, "lr": 0.1}, n_trials=6)
-    path = tmp_path / "learn.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, _ = _demo_config(tmp_path, learner={"steps": 8, "lr": 0.1}, n_trials=6)
     out = tmp_path / "run"
-    for trials in ("6", "7"):
+    for trials, rows_wanted in (("6", 7), ("7", 8)):
         result = CliRunner().invoke(main, ["run", str(path), "--out", str(out), "--device", "cpu", "-q",
                                            "--trials", trials])
         assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+        rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+        assert len(rows) == rows_wanted
     learned = [r for r in rows if r["label"] == "learned"]
-    assert len(learned) == 1 and len(rows) == 7
+    assert len(learned) == 1 and learned[0]["trial"] == "6"  # after the 6 trials of the first run's search
     uniform = next(r for r in rows if r["label"] == "uniform")
     assert float(learned[0]["dev_objective"]) > float(uniform["dev_objective"]) + 0.02
     weights = {n: float(learned[0][f"w:{n}"]) for n in MODEL_NAMES_DEMO}
@@ -221,10 +321,116 @@ def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family,
     assert json.loads((out / "best.json").read_text())["trial"] is not None
 
 
-def test_a_learner_needs_a_normalized_linear_merge(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_the_learned_config_merges_to_the_model_that_was_scored(demo_family, tmp_path, method):
+    """`merge-search learn` on a fresh study scores the baselines, then the learned candidate; its
+    exported config rebuilds, in memory and with `merge-search merge`, the tensors that were scored,
+    and the rebuilt model from disk scores the trial's dev score."""
+    import optuna
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.cli import main
+    from search.study import LEARNED
+
+    path, cfg = _demo_config(tmp_path)
+    if method == "slerp":
+        cfg["models"] = cfg["models"][1:]  # inst-v2 (t = 0) and inst-meta (t = 1)
+        cfg["merge"] = {"method": "slerp", "granularity": 2}
+        path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["learn", str(path), "--steps", "4", "--lr", "0.2", "--out", str(out),
+                                       "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
+    labels = [t.user_attrs.get("label") for t in study.trials]
+    assert labels[-1] == LEARNED and {"uniform", "inst-meta"} <= set(labels) and len(labels) == len(set(labels))
+    trial = study.trials[-1]
+    assert trial.user_attrs["learner"]["steps_run"] == 4 and trial.user_attrs["dev_score"] > 0
+    if method == "slerp":
+        ts = [v["t"][0] for v in trial.user_attrs["cells"].values()]
+        assert len(ts) == 2 and all(0 < t < 1 for t in ts) and ts != [0.5, 0.5]
+    exported = tmp_path / "learned.yaml"
+    result = CliRunner().invoke(main, ["export", str(out), "--trial", str(trial.number), "-o", str(exported)])
+    assert result.exit_code == 0, result.output
+    model_dir = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(exported), "-o", str(model_dir)])
+    assert result.exit_code == 0, result.output
+
+    names = [m["name"] for m in cfg["models"]]
+    merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in names], device="cpu")
+    merger.apply(trial.user_attrs["merge_config"])  # what the trial scored
+    scored = {k: v.detach().clone() for k, v in merger.model.state_dict().items()}
+    merger.apply(yaml.safe_load(exported.read_text()))
+    assert all(torch.equal(scored[k], v) for k, v in merger.model.state_dict().items())
+    on_disk = load_file(model_dir / "model.safetensors")
+    assert all(torch.equal(on_disk[k], scored[k]) for k in on_disk)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    suite = EvalSuite(load_suite(str(ROOT / "evaluation" / "data" / "demo")), AutoTokenizer.from_pretrained(model_dir),
+                      "dev", batch_size=64)
+    assert suite.score(model).score == pytest.approx(trial.user_attrs["dev_score"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_early_stopping_reads_only_the_search_split(demo_family, tmp_path, monkeypatch):
+    """While the learner runs, every suite it touches is the search split's: the held-out share
+    for early stopping is a quarter of each dev task, and the test split is never scored."""
+    from click.testing import CliRunner
+
+    import search.learn
+    from evaluation.suite import EvalSuite
+    from search.cli import main
+
+    seen, learning = [], [False]
+    real_learn, real_parts, real_score = search.learn.learn, EvalSuite.loss_parts, EvalSuite.score_shards
+
+    def spy_learn(*args, **kw):
+        learning[0] = True
+        try:
+            return real_learn(*args, **kw)
+        finally:
+            learning[0] = False
+
+    def spy_parts(self, model, **kw):
+        seen.append(("loss", self.split, learning[0], len(kw.get("holdout", ()))))
+        return real_parts(self, model, **kw)
+
+    def spy_score(self, *args, **kw):
+        seen.append(("score", self.split, learning[0], 0))
+        return real_score(self, *args, **kw)
+
+    monkeypatch.setattr(search.learn, "learn", spy_learn)
+    monkeypatch.setattr(EvalSuite, "loss_parts", spy_parts)
+    monkeypatch.setattr(EvalSuite, "score_shards", spy_score)
+    path, _ = _demo_config(tmp_path)
+    result = CliRunner().invoke(main, ["learn", str(path), "--steps", "12", "--lr", "0.1", "--early-stop", "0.25",
+                                       "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    during = [s for s in seen if s[2]]
+    assert during and all(kind == "loss" and split == "dev" for kind, split, _, _ in during)
+    assert {n for *_, n in during} == {60}  # 20 of each of the three dev tasks' 80 items
+    assert any(kind == "score" and split == "test" for kind, split, learning_, _ in seen if not learning_)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"merge.method": "ties", "merge.base_model": "demo:base"}, "study.learner learns the parameters of merge.method linear, task_arithmetic, slerp"),
+    ({"study.learner": {"early_stop": 1.0}}, "study.learner.early_stop"),
+    ({"study.learner": {"loss": "mse"}}, "study.learner.loss"),
+    ({"study.learner": {"start": "median"}}, "study.learner.start"),
+    ({"study.learner": {"patience": 0}}, "study.learner.patience"),
+])
+def test_bad_learner_settings_are_one_line(over, message):
     from search.config import load_config
     from search.errors import MergeSearchError as Err
 
+    over = {"study.learner": {"steps": 3}, **over}
     with pytest.raises((Err, SystemExit, ValueError)) as err:
-        load_config(None, **{"study.learner": {"steps": 3}, "merge.normalize": False})
-    assert "study.learner learns the weights of merge.method linear with normalize: true" in str(err.value)
+        load_config(None, **over)
+    assert message in str(err.value) and "\n" not in str(err.value).strip()

@@ -76,6 +76,10 @@ METHODS: dict[str, MethodSpec] = {
     "karcher": _karcher.SPEC,
 }
 
+# The methods whose merged tensor is, per cell, a weighted sum of whole input tensors: the ones
+# whose parameters `study.learner` learns by gradient (search/learn.py has their coefficients).
+LEARNABLE = ("linear", "task_arithmetic", "slerp")
+
 # Value types of every parameter any method takes, validated as mergekit validates them
 # (pydantic, lax: "0.5" -> 0.5, 1 -> True).
 PARAM_TYPES: dict[str, type] = {name: p.type for spec in METHODS.values()
@@ -160,7 +164,7 @@ def merge_tensor(recipe, tensors: Sequence[Tensor], *, out_dtype: torch.dtype | 
 
 
 __all__ = [
-    "DTYPES", "METHODS", "NORMALIZE_EPS", "PARAM_TYPES", "REQUIRED", "RESCALE_EPS", "SAFETENSORS_CODES", "SLERP_CHUNK",
+    "DTYPES", "LEARNABLE", "METHODS", "NORMALIZE_EPS", "PARAM_TYPES", "REQUIRED", "RESCALE_EPS", "SAFETENSORS_CODES", "SLERP_CHUNK",
     "SLERP_DOT_THRESHOLD", "SLERP_EPS", "FlatInputs", "Kernel", "MergeInputs", "MethodSpec", "Param", "check_finite",
     "check_normalizable", "check_recipe", "dare_keep", "dare_linear", "dare_seed", "dare_ties", "linear",
     "magnitude_rank", "members", "parameter_free", "baseline_methods", "merge_inputs", "merge_tensor", "method_spec", "slerp", "task_arithmetic", "ties",
