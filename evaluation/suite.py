@@ -100,12 +100,14 @@ class EvalSuite:
     share_context: score an item's options on one trie row (the context computed once), and run
     the tokens that a batch's rows all begin with (template, system prompt, instruction) once.
     max_length: longest model input; longer ones lose their oldest context tokens, as lm-eval's.
+    share_prefix: run the batch's common prefix once (default: share_context); False puts it in
+    every row (no key-value cache: what activation checkpointing needs, search/learn.py).
     """
 
     def __init__(self, suite: Suite, tokenizer, split: str, *, batch_size: int = 32,
                  device: str | torch.device = "cpu", chat: bool | None = None, system: str | None = None,
                  max_length: int | None = None, shards: int = 1, share_context: bool = True,
-                 metric: str = "primary"):
+                 metric: str = "primary", share_prefix: bool | None = None):
         if batch_size < 1:
             raise EvalError(f"batch_size must be at least 1 but got {batch_size}")
         if shards < 1:
@@ -142,6 +144,7 @@ class EvalSuite:
             self._plans.append(plan)
         self.n_sequences = len(seqs)
         self._n_tokens = torch.tensor([len(t) for _, t in seqs], dtype=torch.float64)
+        self._share_prefix = share_context if share_prefix is None else share_prefix
         self._shards = self._build_shards(seqs, prompts, shards, share_context)
         # A fixed order of every example: its index is the example's stable integer id (a step)
         self.example_keys = [self._key(pi, ii) for s in self._shards for pi, ii in s.examples]
@@ -222,7 +225,7 @@ class EvalSuite:
                 items.append([(s, *seqs[s]) for s in range(first, first + len(plan.chars[ii]))])
             rows = build_rows(items, share)
             shard.batches, shard.prefix = pack_rows(rows, self.batch_size, self._pad_id, self.device,
-                                                    share_prefix=share)
+                                                    share_prefix=self._share_prefix)
             for pi, iis in gen.items():
                 t = self._plans[pi].task
                 shard.gen_batches += pack_prompts([prompts[pi, ii] for ii in iis], [(pi, ii) for ii in iis],

@@ -627,5 +627,27 @@ def bench_search_cmd(as_json, seeds, device, quick) -> None:
         click.echo(json.dumps(fig))
 
 
+@bench.command("learn")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on the last line.")
+@click.option("--seeds", type=int, help="Seeds per space, medians over them (default 3, --quick 1).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quick", is_flag=True, help="1 seed, the global space, 3 steps (a smoke test, not figures).")
+@click.option("--steps", type=int, help="Learner steps (default: study.learner's).")
+@click.option("--lr", type=float, help="Learner learning rate (default: study.learner's).")
+@click.option("--early-stop", type=float, help="Share of the search split held out for early stopping.")
+@click.option("--params", default="150M", show_default=True, help="Size of the bench checkpoints for the step figures.")
+def bench_learn_cmd(as_json, seeds, device, quick, steps, lr, early_stop, params) -> None:
+    """Learned weights against the black-box search at equal wall time on the demo family, and one
+    learner step's time and peak memory on the bench checkpoints."""
+    from search.bench.learn import bench_learn, report
+    from search.merger import resolve_device
+
+    fig = bench_learn(seeds=seeds if seeds is not None else 1 if quick else 3, device=str(resolve_device(device)),
+                      quick=quick, steps=steps, lr=lr, early_stop=early_stop, params=params)
+    click.echo(report(fig))
+    if as_json:
+        click.echo(json.dumps(fig))
+
+
 if __name__ == "__main__":
     main()

@@ -122,15 +122,18 @@ class LearnerSpec(_Model):
     result is scored as one more trial, labelled `learned`."""
 
     steps: int = Field(default=30, ge=1)
-    lr: float = Field(default=0.05, gt=0)
+    lr: float = Field(default=0.1, gt=0)
     loss: Literal["ce", "entropy"] = "ce"  # ce: minus the smooth objective; entropy: AdaMerging's (README)
     start: Literal["uniform", "best"] = "uniform"  # best: the candidate the search selected
     l2: float = Field(default=0.0, ge=0)  # pull of the values towards `l2_to`
     l2_to: Literal["start", "uniform"] = "start"
     # early stopping: this share of the search split's examples is held out of the loss, the
-    # parameters of the step with the lowest held-out loss are kept; null: every step's loss fits
-    early_stop: float | None = Field(default=None, gt=0, lt=1)
+    # parameters of the step with the lowest held-out loss are kept; null: every example fits and
+    # the last step's parameters are kept (the demo: 0.25 and lr 0.1, README)
+    early_stop: float | None = Field(default=0.25, gt=0, lt=1)
     patience: int = Field(default=5, ge=1)  # steps without a new lowest held-out loss before it stops
+    batch_size: int | None = Field(default=None, ge=1)  # rows per backward pass; null: eval.batch_size
+    checkpoint: bool = False  # activation checkpointing per decoder layer (large models; README)
 
 
 class StudySpec(_Model):

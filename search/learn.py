@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ from search.merger import InMemoryMerger, model_key
 from search.methods import LEARNABLE, SLERP_DOT_THRESHOLD, SLERP_EPS
 from search.space import MergeSpace
 
+DOT_CHUNK = 1 << 22  # elements per float32 dot product of a gradient with a source row (16 MiB copies)
 EDGE = 1e-6  # a start value at a range's end (a weight of 0) is moved in by this much: its logit is finite
 
 Loss = Callable[[torch.nn.Module], "torch.Tensor | Iterable[torch.Tensor]"]
@@ -94,13 +96,54 @@ def held_out_examples(suite, fraction: float, seed: int, loss: str = "ce") -> se
     return out
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: the module list as long as its layer count."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise MergeSearchError(f"activation checkpointing needs the model's decoder layers, a list of {n}: "
+                           f"{type(model).__name__} has none")
+
+
+@contextmanager
+def checkpointed(model):
+    """Run `model`'s decoder layers under activation checkpointing (torch.utils.checkpoint,
+    non-reentrant): a layer keeps its input for the backward pass and computes the rest again
+    there, so a batch holds one layer's activations instead of every layer's. The model stays in
+    eval mode (no dropout). A layer given a key-value cache is refused: recomputing it would
+    update the cache twice, so the rows must carry their prefix (EvalSuite share_prefix=False)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+
+    def wrap(forward):
+        def run(*args, **kw):
+            if kw.get("past_key_values") is not None or kw.get("cache") is not None:
+                raise MergeSearchError("activation checkpointing cannot run rows that read a shared-prefix cache: "
+                                       "build the learning suite with share_prefix=False")
+            return checkpoint(forward, *args, use_reentrant=False, **kw)
+        return run
+
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
 class WeightGradient:
     """A learnable space's per-cell parameters theta (cells x columns, float64), applied to
-    `merger`'s live model, and the gradient of a loss of that model with respect to theta."""
+    `merger`'s live model, and the gradient of a loss of that model with respect to theta.
+    checkpoint: run the backward passes with activation checkpointing (`checkpointed`)."""
 
-    def __init__(self, merger: InMemoryMerger, space: MergeSpace):
+    def __init__(self, merger: InMemoryMerger, space: MergeSpace, *, checkpoint: bool = False):
         check_learnable(space)
-        self.merger, self.space = merger, space
+        self.merger, self.space, self.checkpoint = merger, space, checkpoint
+        if checkpoint:
+            decoder_layers(merger.model)  # fails now, not at the first step
         self.cells = tensor_cells(merger, space)
         names = list(space.names)
         base_row = space.method == "task_arithmetic"
@@ -198,22 +241,42 @@ class WeightGradient:
         handles = []
         for s, (seg, p) in enumerate(zip(self.merger.segments, self.params)):
             def reduce(p, seg=seg, s=s):
-                g = p.grad.reshape(-1).float()
-                for j, x in enumerate(self.merger._slices(self.rows, seg.offset, seg.offset + seg.numel)):
-                    out[s, j] += torch.dot(g, x.float()).double().cpu()
+                xs = self.merger._slices(self.rows, seg.offset, seg.offset + seg.numel)
+                if p.grad.is_sparse:  # the input embedding's: only the rows of the tokens seen
+                    g = p.grad.coalesce()
+                    idx, vals = g.indices()[0], g.values().float()
+                    for j, x in enumerate(xs):
+                        out[s, j] += float((vals * x.view(seg.shape)[idx].float()).sum(dtype=torch.float64))
+                    p.grad = None
+                    return
+                g = p.grad.reshape(-1)
+                acc = torch.zeros(len(xs), dtype=torch.float64, device=g.device)
+                for a in range(0, seg.numel, DOT_CHUNK):  # float32 products, a chunk's worth of copies at a time
+                    gc = g[a:a + DOT_CHUNK].float()
+                    for j, x in enumerate(xs):
+                        acc[j] += torch.dot(gc, x[a:a + DOT_CHUNK].float()).double()
+                out[s] += acc.cpu()
                 p.grad = None  # freed: one tensor's gradient at a time
 
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(reduce))
+        # The input embedding's gradient as sparse rows (what its dense gradient, vocab x hidden
+        # in float32 on CPU, would be mostly zeros of), unless it is tied to the output head.
+        emb, head = self.merger.model.get_input_embeddings(), self.merger.model.get_output_embeddings()
+        sparse = isinstance(emb, torch.nn.Embedding) and not emb.sparse and (head is None or head.weight is not emb.weight)
+        if sparse:
+            emb.sparse = True
         total = 0.0
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), (checkpointed(self.merger.model) if self.checkpoint else nullcontext()):
                 parts = loss_fn(self.merger.model)
                 for part in [parts] if isinstance(parts, torch.Tensor) else parts:
                     if part.requires_grad:
                         part.backward()
                     total += float(part.detach())
         finally:
+            if sparse:
+                emb.sparse = False
             for h in handles:
                 h.remove()
             for p in self.params:

@@ -415,7 +415,7 @@ class Searcher:
         if any(t.user_attrs.get("label") == LEARNED for t in study.get_trials(deepcopy=False)):
             return
         spec = self.cfg.study.learner
-        learner = WeightGradient(self.merger, self.space)
+        learner = WeightGradient(self.merger, self.space, checkpoint=spec.checkpoint)
         uniform = dict(self.space.baselines())["uniform"]
         start, start_trial = uniform, None
         if spec.start == "best":
@@ -426,6 +426,11 @@ class Searcher:
         theta0 = learner.encode(start)
         anchor = learner.encode(uniform) if spec.l2_to == "uniform" else theta0
         suite = self.objectives[0].search
+        if spec.batch_size is not None or spec.checkpoint:  # its own batches of the same rows
+            e = self.cfg.eval
+            suite = EvalSuite(suite.suite, suite.tokenizer, suite.split, metric=suite.metric, device=suite.device,
+                              batch_size=spec.batch_size or e.batch_size, system=e.system, chat=e.chat,
+                              share_prefix=not spec.checkpoint)
         holdout = held_out_examples(suite, spec.early_stop, self.cfg.study.seed, spec.loss) if spec.early_stop else set()
         held_parts: list[float] = []
 
