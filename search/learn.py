@@ -127,9 +127,12 @@ def checkpointed(model):
 
     for layer in layers:
         layer.forward = wrap(layer.forward)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # a call that does not say so would otherwise start a cache
     try:
         yield
     finally:
+        model.config.use_cache = use_cache
         for layer in layers:
             del layer.forward  # the class's forward again
 

@@ -434,3 +434,73 @@ def test_bad_learner_settings_are_one_line(over, message):
     with pytest.raises((Err, SystemExit, ValueError)) as err:
         load_config(None, **over)
     assert message in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_activation_checkpointing_gives_the_same_gradient(setup):
+    """The decoder layers run under torch.utils.checkpoint: the same loss and gradient, and the
+    layers' own forward is back afterwards."""
+    merger, space, _, ids = setup
+    theta = torch.randn((len(space.cells), 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    plain = WeightGradient(merger, space).backward(theta, _loss(ids))
+    ckpt = WeightGradient(merger, space, checkpoint=True).backward(theta, _loss(ids))
+    assert ckpt[0] == pytest.approx(plain[0], rel=1e-6)
+    assert torch.allclose(ckpt[1], plain[1], rtol=1e-5, atol=1e-9)
+    assert all("forward" not in vars(layer) for layer in merger.model.model.layers)
+
+
+@pytest.mark.slow
+def test_the_loss_in_parts_is_the_scorers_per_example_values(demo_learner):
+    """On the demo: the fitted parts sum to minus the task-weighted mean of the scorer's own
+    per-example smooth values over the examples not held out, the held-out parts to the same over
+    the held-out ones; `entropy` is the options' softmax entropy from the scorer's log-likelihoods."""
+    import math
+
+    from search.learn import held_out_examples
+
+    merger, suite, learner = demo_learner
+    learner.apply(torch.tensor([[0.2, -0.1, 0.4]], dtype=torch.float64))
+    values = suite.score(merger.model).objective_examples
+    holdout = held_out_examples(suite, 0.25, seed=3)
+    tasks = suite.loss_tasks()
+    assert sum(len(k) for k in tasks.values()) == 240 and len(holdout) == 60
+    assert all(sum(k in holdout for k in keys) == 20 for keys in tasks.values())  # a quarter of each task
+
+    def mean_over(chosen):
+        per = [[values[k] for k in keys if chosen(k)] for keys in tasks.values()]
+        return -sum(sum(v) / len(v) for v in per) / len(per)
+
+    held: list[float] = []
+    with torch.no_grad():
+        fit = sum(float(p) for p in suite.loss_parts(merger.model, holdout=holdout, held=held))
+        lp = suite.sequence_logprobs(merger.model)
+        entropy = sum(float(p) for p in suite.loss_parts(merger.model, loss="entropy"))
+    assert fit == pytest.approx(mean_over(lambda k: k not in holdout), rel=1e-9)
+    assert sum(held) == pytest.approx(mean_over(lambda k: k in holdout), rel=1e-9)
+    per_task = []
+    for plan in suite._plans:
+        hs = []
+        for ii in range(len(plan.items)):
+            options = lp[plan.first_seq[ii]: plan.first_seq[ii] + len(plan.chars[ii])]
+            logp = options - torch.logsumexp(options, 0)
+            hs.append(-float((logp.exp() * logp).sum()))
+        per_task.append(sum(hs) / len(hs))
+    assert entropy == pytest.approx(sum(per_task) / len(per_task), rel=1e-9)
+    assert 0 < entropy < math.log(4)
+
+
+@pytest.mark.slow
+def test_checkpointing_needs_rows_that_carry_their_prefix(demo_learner):
+    """A shared-prefix cache would be updated twice by a recomputed layer: refused in one line.
+    Rows that carry their prefix give the same loss and gradient as the shared-prefix ones."""
+    from evaluation.suite import EvalSuite
+
+    merger, suite, learner = demo_learner
+    theta = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
+    ckpt = WeightGradient(merger, learner.space, checkpoint=True)
+    with pytest.raises(MergeSearchError, match="cannot run rows that read a shared-prefix cache"):
+        ckpt.backward(theta, suite.loss_parts)
+    carried = EvalSuite(suite.suite, suite.tokenizer, "dev", batch_size=16, metric="smooth", share_prefix=False)
+    loss, grad = ckpt.backward(theta, carried.loss_parts)
+    want, want_grad = learner.backward(theta, suite.loss_parts)
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-6)
