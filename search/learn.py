@@ -296,9 +296,6 @@ class WeightGradient:
         return loss, grad
 
 
-LinearWeightGradient = WeightGradient  # the first part's name (linear only)
-
-
 @dataclass
 class Learned:
     logits: torch.Tensor  # cells x columns: the returned parameters (the best held-out step's with early stopping)
