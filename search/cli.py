@@ -196,11 +196,11 @@ def run(config, trials, timeout, storage, study_name, out, device, search_on_tes
                 started[1] = True
 
         def on_trial(study, trial):
-            from search.study import complete_trials, finished
+            from search.study import budget_finished, complete_trials
 
             show()
             scores = [t.user_attrs.get("dev_score", 0.0) for t in complete_trials(study)]
-            bar.update(task, completed=len(finished(study)), best=f"{max(scores):.4f}" if scores else "-")
+            bar.update(task, completed=len(budget_finished(study)), best=f"{max(scores):.4f}" if scores else "-")
 
         def on_batch(done, total):
             # a second bar for a trial's eval, shown once an eval has run a couple of seconds

@@ -409,7 +409,7 @@ def test_early_stopping_reads_only_the_search_split(demo_family, tmp_path, monke
     monkeypatch.setattr(search.learn, "learn", spy_learn)
     monkeypatch.setattr(EvalSuite, "loss_parts", spy_parts)
     monkeypatch.setattr(EvalSuite, "score_shards", spy_score)
-    path, _ = _demo_config(tmp_path)
+    path, _ = _demo_config(tmp_path, learner={"batch_size": 16, "checkpoint": True})  # the learner's own suite
     result = CliRunner().invoke(main, ["learn", str(path), "--steps", "12", "--lr", "0.1", "--early-stop", "0.25",
                                        "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
@@ -417,6 +417,10 @@ def test_early_stopping_reads_only_the_search_split(demo_family, tmp_path, monke
     assert during and all(kind == "loss" and split == "dev" for kind, split, _, _ in during)
     assert {n for *_, n in during} == {60}  # 20 of each of the three dev tasks' 80 items
     assert any(kind == "score" and split == "test" for kind, split, learning_, _ in seen if not learning_)
+    import optuna
+
+    info = optuna.load_study(study_name="demo", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials[-1]
+    assert info.user_attrs["learner"]["checkpoint"] is True and info.user_attrs["learner"]["held_out"] == 60
 
 
 @pytest.mark.parametrize("over, message", [
