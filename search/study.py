@@ -412,7 +412,11 @@ class Searcher:
         or from the selected candidate so far (`start: best`), and reads the search split only."""
         from search.learn import WeightGradient, held_out_examples, learn
 
-        if any(t.user_attrs.get("label") == LEARNED for t in study.get_trials(deepcopy=False)):
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("label") == LEARNED]
+        if any(t.state in _COUNTED for t in mine):
+            return  # learned already (a failed one is learned again)
+        if any(t.state == optuna.trial.TrialState.WAITING for t in mine):  # enqueued, never scored
+            study.optimize(self.objective, n_trials=1, callbacks=list(callbacks))
             return
         spec = self.cfg.study.learner
         learner = WeightGradient(self.merger, self.space, checkpoint=spec.checkpoint)

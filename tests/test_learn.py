@@ -508,3 +508,28 @@ def test_checkpointing_needs_rows_that_carry_their_prefix(demo_learner):
     want, want_grad = learner.backward(theta, suite.loss_parts)
     assert loss == pytest.approx(want, rel=1e-5)
     assert torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_learned_trial_is_learned_again(demo_family, tmp_path):
+    """A study whose learned trial failed (a crash mid-learning) gets a scored one on the next
+    invocation; a study with a scored one is not learned again."""
+    import optuna
+    from click.testing import CliRunner
+
+    from search.cli import main
+    from search.study import LEARNED
+
+    path, _ = _demo_config(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"label": LEARNED}))
+    args = ["learn", str(path), "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="demo", storage=storage).trials
+    states = [t.state for t in trials if t.user_attrs.get("label") == LEARNED]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
