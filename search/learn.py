@@ -154,6 +154,8 @@ class WeightGradient:
         if base_row:
             self.rows.append(merger.keys[model_key(space.base)])
         self.params = [dict(merger.model.named_parameters())[s.name] for s in merger.segments]
+        self.key = "t" if space.method == "slerp" else "weight"  # the learned parameter
+        self.softmax = self.key == "weight" and space.simplex  # weights on the simplex: softmax of logits
         self.columns = 1 if space.method == "slerp" else len(names)
         self.shape = (len(space.cells), self.columns)
         self._index = torch.tensor(self.cells)
@@ -161,24 +163,20 @@ class WeightGradient:
 
     # --- theta <-> the space's values ------------------------------------------------------
 
-    def _bounds(self, key: str) -> tuple[float, float]:
-        return self.space._range(key)
-
     def decode(self, theta: torch.Tensor) -> torch.Tensor:
         """The parameters' values (cells x columns): weights, or slerp's t; differentiable."""
-        if self.space.method != "slerp" and self.space.simplex:
+        if self.softmax:
             return torch.softmax(theta, dim=-1)
-        lo, hi = self._bounds("t" if self.space.method == "slerp" else "weight")
+        lo, hi = self.space._range(self.key)
         return lo + (hi - lo) * torch.sigmoid(theta)
 
     def encode(self, values: dict) -> torch.Tensor:
         """theta of the space's `values` (a start): values at a range's end move in by EDGE."""
-        key = "t" if self.space.method == "slerp" else "weight"
-        x = torch.tensor([values[cell][key] for cell in self.space.cells], dtype=torch.float64)
-        if self.space.method != "slerp" and self.space.simplex:
+        x = torch.tensor([values[cell][self.key] for cell in self.space.cells], dtype=torch.float64)
+        if self.softmax:
             x = x / x.sum(-1, keepdim=True)
             return torch.log(x.clamp(min=EDGE))
-        lo, hi = self._bounds(key)
+        lo, hi = self.space._range(self.key)
         u = ((x - lo) / (hi - lo)).clamp(EDGE, 1 - EDGE)
         return torch.log(u) - torch.log1p(-u)
 
@@ -188,8 +186,7 @@ class WeightGradient:
     def values(self, theta: torch.Tensor) -> dict:
         """The space's values of `theta` (what `to_config` exports and the merger applies)."""
         v = self.decode(theta.detach().double())
-        key = "t" if self.space.method == "slerp" else "weight"
-        return {cell: {key: v[k].tolist()} for k, cell in enumerate(self.space.cells)}
+        return {cell: {self.key: v[k].tolist()} for k, cell in enumerate(self.space.cells)}
 
     def apply(self, theta: torch.Tensor) -> None:
         """Merge the values of `theta` into the live model."""
