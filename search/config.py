@@ -118,8 +118,8 @@ class EvalSpec(_Model):
 
 class LearnerSpec(_Model):
     """Learned weights (search/learn.py): Adam on the per-cell parameters of a linear,
-    task_arithmetic or slerp merge, minimising a loss on the search split; after the search the
-    result is scored as one more trial, labelled `learned`."""
+    task_arithmetic, ties or slerp merge, minimising a loss on the search split; after the search
+    the result is scored as one more trial, labelled `learned`."""
 
     steps: int = Field(default=30, ge=1)
     lr: float = Field(default=0.1, gt=0)
@@ -134,6 +134,8 @@ class LearnerSpec(_Model):
     patience: int = Field(default=5, ge=1)  # steps without a new lowest held-out loss before it stops
     batch_size: int | None = Field(default=None, ge=1)  # rows per backward pass; null: eval.batch_size
     checkpoint: bool = False  # activation checkpointing per decoder layer (large models; README)
+    # ties: the kernel width of its sign flips, a share of the weighted sums' RMS; 0: masks held (README)
+    sign_bandwidth: float = Field(default=0.05, ge=0)
 
 
 class StudySpec(_Model):
@@ -188,7 +190,7 @@ class RunConfig(_Model):
             return self
         if self.merge.method not in LEARNABLE:
             raise ValueError(f"study.learner learns the parameters of merge.method {', '.join(LEARNABLE)} (a weighted "
-                             f"sum of whole tensors per cell), not {self.merge.method}")
+                             f"sum of the inputs per cell, TIES' with its masks held), not {self.merge.method}")
         if self.eval.objectives and len(self.eval.objectives) > 1:
             raise ValueError("study.learner learns one objective; this study has "
                              f"{len(self.eval.objectives)} (eval.objectives)")

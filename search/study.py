@@ -419,7 +419,8 @@ class Searcher:
             study.optimize(self.objective, n_trials=1, callbacks=list(callbacks))
             return
         spec = self.cfg.study.learner
-        learner = WeightGradient(self.merger, self.space, checkpoint=spec.checkpoint)
+        learner = WeightGradient(self.merger, self.space, checkpoint=spec.checkpoint,
+                                 sign_bandwidth=spec.sign_bandwidth)
         uniform = dict(self.space.baselines())["uniform"]
         start, start_trial = uniform, None
         if spec.start == "best":
@@ -427,6 +428,7 @@ class Searcher:
             if done:
                 best = select(done, self.cfg.study.select)
                 start, start_trial = best.user_attrs["cells"], best.number
+        learner.hold(start)  # what is not learned (TIES' densities) stays the start's
         theta0 = learner.encode(start)
         anchor = learner.encode(uniform) if spec.l2_to == "uniform" else theta0
         suite = self.objectives[0].search

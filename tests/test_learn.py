@@ -30,7 +30,7 @@ def family(tmp_path_factory):
 def _space(method: str, paths, num_layers: int, **kw) -> MergeSpace:
     names = NAMES[:2] if method == "slerp" else NAMES
     models = {n: str(p) for n, p in zip(names, paths)}
-    base = str(paths[3]) if method == "task_arithmetic" else None
+    base = str(paths[3]) if method in ("task_arithmetic", "ties") else None
     return MergeSpace(method, models, base=base, granularity=1, filters=["self_attn"], num_layers=num_layers, **kw)
 
 
@@ -40,7 +40,18 @@ SPACES = {  # id -> (method, MergeSpace keywords)
     "task_arithmetic": ("task_arithmetic", {"lambda_": 0.8}),
     "task_arithmetic-normalized": ("task_arithmetic", {"normalize": True}),
     "slerp": ("slerp", {}),
+    "ties": ("ties", {}),
+    "ties-unnormalized": ("ties", {"normalize": False, "lambda_": 0.9, "weight_range": (0.0, 1.5)}),
 }
+DENSITY = [0.6, 0.9, 0.5]  # TIES' densities, held (not learned): m1's and m2's trims overlap m0's
+
+
+def _learner(merger, space: MergeSpace, **kw) -> WeightGradient:
+    """The space's learner; TIES' densities held at DENSITY in every cell."""
+    learner = WeightGradient(merger, space, **kw)
+    if space.method == "ties":
+        learner.hold({cell: {"weight": [1.0] * 3, "density": list(DENSITY)} for cell in space.cells})
+    return learner
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +67,26 @@ def _loss(ids):
     return loss
 
 
-def _explicit(space: MergeSpace, values: torch.Tensor, x: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+def _explicit(space: MergeSpace, values: torch.Tensor, x: list[torch.Tensor], base: torch.Tensor,
+              at: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor of the merge of `space` with a cell's `values` (weights, or [t]), written out
-    from the methods' definitions (search/methods/) in float64, differentiable in `values`."""
+    from the methods' definitions (search/methods/) in float64, differentiable in `values`;
+    TIES' trim and sign masks computed in float32 as the merge does at the values `at` (default
+    `values`), and held (detached)."""
+    if space.method == "ties":
+        from search.methods.taskvec import magnitude_rank, topk_count
+
+        b32, w32 = base.float(), (values if at is None else at).detach().float()
+        trimmed = [(t.float() - b32) * (magnitude_rank(t.float() - b32).reshape(t.shape) < topk_count(t.numel(), d))
+                   for t, d in zip(x, DENSITY)]
+        total = sum(w32[i] * trimmed[i] for i in range(len(x)))
+        majority = (total >= 0).float() * 2 - 1
+        agree = [((w32[i] * trimmed[i]).sign() == majority).double() for i in range(len(x))]
+        mixed = sum(values[i] * agree[i] * trimmed[i].double() for i in range(len(x)))
+        if space.normalize:
+            div = sum(values[i] * agree[i] for i in range(len(x)))
+            mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+        return base.double() + space.lambda_ * mixed
     x = [t.double() for t in x]
     if space.method == "slerp":
         a, b, t = x[0], x[1], values[0]
@@ -97,18 +125,12 @@ def test_the_hook_reduced_gradient_is_autograd_through_an_explicit_merge(family,
     merger, paths, ids = family
     method, kw = SPACES[case]
     space = _space(method, paths, merger.num_layers, **kw)
-    learner = WeightGradient(merger, space)
+    learner = _learner(merger, space, sign_bandwidth=0.0)  # TIES: the explicit merge holds its masks
     theta0 = torch.randn(learner.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     loss, grad = learner.backward(theta0, _loss(ids))
 
-    sources = [load_file(p / "model.safetensors") for p in paths]
-    n = len(space.names)
     theta = theta0.clone().requires_grad_(True)
-    values = learner.decode(theta)
-    cells = tensor_cells(merger, space)
-    params = {s.name: _explicit(space, values[c], [sources[i][s.name] for i in range(n)], sources[3][s.name]).float()
-              for s, c in zip(merger.segments, cells)}
-    ref = _loss(ids)(_FunctionalModel(merger.model, params, functional_call))
+    ref = _explicit_loss(learner, theta, paths, ids)
     ref.backward()
     assert loss == pytest.approx(float(ref.detach()), rel=1e-5)
     assert grad.abs().sum() > 0 and torch.allclose(grad, theta.grad, rtol=1e-4, atol=1e-7), (grad, theta.grad)
@@ -116,12 +138,29 @@ def test_the_hook_reduced_gradient_is_autograd_through_an_explicit_merge(family,
         assert torch.allclose(grad.sum(-1), torch.zeros(len(space.cells), dtype=torch.float64), atol=1e-9)
 
 
-@pytest.mark.parametrize("case", list(SPACES))
+def _explicit_loss(learner: WeightGradient, theta: torch.Tensor, paths, ids, at: torch.Tensor | None = None):
+    """The loss of the explicit merge (`_explicit`) of `theta`, TIES' masks held at `at`'s values."""
+    from safetensors.torch import load_file
+    from torch.func import functional_call
+
+    merger, space = learner.merger, learner.space
+    sources = [load_file(p / "model.safetensors") for p in paths]
+    values = learner.decode(theta)
+    held = None if at is None else learner.decode(at)
+    params = {s.name: _explicit(space, values[c], [sources[i][s.name] for i in range(len(space.names))],
+                                sources[3][s.name], None if held is None else held[c]).float()
+              for s, c in zip(merger.segments, tensor_cells(merger, space))}
+    return _loss(ids)(_FunctionalModel(merger.model, params, functional_call))
+
+
+@pytest.mark.parametrize("case", [c for c in SPACES if SPACES[c][0] != "ties"])
 def test_the_gradient_matches_finite_differences_of_the_real_merge(family, case):
-    """Finite differences through the merger's own merge (search/methods/): per cell and column."""
+    """Finite differences through the merger's own merge (search/methods/): per cell and column.
+    (TIES': on the demo family, whose tensors have the elements for its kernel estimate of the
+    sign flips, test_ties_gradient_counts_the_sign_flips_of_the_real_merge.)"""
     merger, paths, ids = family
     method, kw = SPACES[case]
-    learner = WeightGradient(merger, _space(method, paths, merger.num_layers, **kw))
+    learner = _learner(merger, _space(method, paths, merger.num_layers, **kw))
     theta = torch.randn(learner.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     _, grad = learner.backward(theta, _loss(ids))
     eps = 0.05  # float32 losses (Llama's norms compute in float32): a step large enough to stand out of their noise
@@ -137,6 +176,35 @@ def test_the_gradient_matches_finite_differences_of_the_real_merge(family, case)
             fd = (values[0] - values[1]) / (2 * eps)
             assert fd == pytest.approx(float(grad[c, i]), rel=0.05, abs=1e-4), (learner.space.cells[c], i)
     assert grad.abs().max() > 20 * 1e-4  # the absolute tolerance is well below the largest gradients
+
+
+@pytest.mark.parametrize("case", [c for c in SPACES if SPACES[c][0] == "ties"])
+def test_ties_gradient_is_the_finite_difference_of_its_merge_with_the_masks_held(family, case):
+    """With sign_bandwidth 0, TIES' gradient is the merge's with its trim and sign masks held at
+    the current weights: it matches finite differences of that merge (the masks of theta, the
+    weights of theta +- eps), and not those of the real merge, whose sign election flips
+    elements (the jumps the held-mask gradient leaves out, search/learn.py). Per cell and column."""
+    merger, paths, ids = family
+    method, kw = SPACES[case]
+    learner = _learner(merger, _space(method, paths, merger.num_layers, **kw), sign_bandwidth=0.0)
+    theta = torch.randn(learner.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, grad = learner.backward(theta, _loss(ids))
+    eps, tol, off = 0.05, 1e-5, 0  # float32 losses of float64 merges: their noise is ~1e-6
+    for c in range(learner.shape[0]):
+        for i in range(learner.shape[1]):
+            step = torch.zeros_like(theta)
+            step[c, i] = eps
+            with torch.no_grad():
+                held = [float(_explicit_loss(learner, theta + sign * step, paths, ids, at=theta)) for sign in (1, -1)]
+                learner.apply(theta + step)
+                up = float(_loss(ids)(merger.model))
+                learner.apply(theta - step)
+                real = (up - float(_loss(ids)(merger.model))) / (2 * eps)
+            fd = (held[0] - held[1]) / (2 * eps)
+            assert fd == pytest.approx(float(grad[c, i]), rel=0.05, abs=tol), (learner.space.cells[c], i)
+            off += abs(real - float(grad[c, i])) > 0.5 * abs(float(grad[c, i])) + 10 * tol
+    assert grad.abs().max() > 20 * tol
+    assert off > 0  # the real merge's flips: what the held-mask gradient does not see
 
 
 def test_a_loss_in_parts_has_the_gradient_of_their_sum(setup):
@@ -173,12 +241,31 @@ def test_the_learned_values_stay_in_the_space_and_export_as_the_space_does(famil
     assert slerp.shape == (4, 1) and all(v["t"] == [0.5] for v in slerp.values(torch.zeros(4, 1)).values())
 
 
+def test_ties_densities_are_held_at_the_starts_and_merged(family):
+    """TIES learns its weights; its densities stay those `hold` was given, in the values it
+    exports and in the merge it applies (the trimmed task vectors)."""
+    from search.methods import ties
+
+    merger, paths, _ = family
+    learner = _learner(merger, _space("ties", paths, merger.num_layers))
+    theta = torch.randn(learner.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    values = learner.values(theta)
+    assert all(v["density"] == DENSITY and sum(v["weight"]) == pytest.approx(1.0) for v in values.values())
+    learner.apply(theta)
+    seg = next(s for s in merger.segments if s.name == "model.layers.1.mlp.down_proj.weight")
+    w = values["g1.rest"]["weight"]
+    rows = [merger.buffer[r, seg.offset:seg.offset + seg.numel].view(seg.shape) for r in learner.rows]
+    want = ties(rows[3], rows[:3], w, DENSITY, normalize=True)
+    assert torch.equal(dict(merger.model.named_parameters())[seg.name].detach(), want)
+    assert not torch.equal(want, ties(rows[3], rows[:3], w, [1.0] * 3, normalize=True))
+
+
 def test_methods_that_pick_elements_are_not_learned(family):
     merger, paths, _ = family
     models = {n: str(p) for n, p in zip(NAMES, paths)}
-    for method in ("ties", "dare_linear", "della"):
+    for method in ("dare_ties", "dare_linear", "della"):
         space = MergeSpace(method, models, base=str(paths[3]), num_layers=merger.num_layers)
-        with pytest.raises(MergeSearchError, match=f"linear, task_arithmetic or slerp .* but got {method}"):
+        with pytest.raises(MergeSearchError, match=f"linear, task_arithmetic, ties, slerp .* but got {method}"):
             WeightGradient(merger, space)
 
 
@@ -257,6 +344,45 @@ def test_the_learning_loss_is_the_scorers_smooth_objective_and_its_gradient_hold
 
 
 @pytest.mark.slow
+def test_ties_gradient_counts_the_sign_flips_of_the_real_merge(demo_family):
+    """TIES on the demo family (global weights, densities 1): its gradient, the held-mask term
+    plus the kernel estimate of the sign flips, matches finite differences of the real merge;
+    the held-mask term alone (sign_bandwidth 0) is a tenth of it and does not."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from evaluation.suite import EvalSuite
+    from evaluation.tasks import load_suite
+    from search.demo import MODEL_NAMES
+
+    names = [*MODEL_NAMES, "base"]
+    merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in names], device="cpu")
+    space = MergeSpace("ties", {n: str(demo_family[n]) for n in MODEL_NAMES}, base=str(demo_family["base"]),
+                       num_layers=merger.num_layers)
+    suite = EvalSuite(load_suite(str(Path(__file__).resolve().parents[1] / "evaluation" / "data" / "demo")),
+                      AutoTokenizer.from_pretrained(demo_family["base"]), "dev", batch_size=64, metric="smooth")
+    theta = torch.tensor([[-2.0, -2.0, 1.0]], dtype=torch.float64)  # inst-meta 0.91
+    learner = WeightGradient(merger, space)
+    _, grad = learner.backward(theta, suite.smooth_loss)
+    _, held = WeightGradient(merger, space, sign_bandwidth=0.0).backward(theta, suite.smooth_loss)
+    eps = 0.2  # the flips are discrete: a step that crosses many of them
+    fd = []
+    for i in range(3):
+        step = torch.zeros_like(theta)
+        step[0, i] = eps
+        values = []
+        for sign in (1, -1):
+            learner.apply(theta + sign * step)
+            values.append(float(suite.smooth_loss(merger.model)))
+        fd.append((values[0] - values[1]) / (2 * eps))
+    fd = torch.tensor(fd, dtype=torch.float64)
+    assert fd.abs().max() > 0.3
+    assert torch.allclose(grad[0], fd, rtol=0.15, atol=0.02), (grad, fd)
+    assert (held[0] - fd).abs().max() > 0.3 and held.abs().max() < 0.2 * fd.abs().max(), (held, fd)
+
+
+@pytest.mark.slow
 def test_learning_moves_the_demo_weights_towards_the_light_variant(demo_learner):
     """The demo's optimum gives inst-meta 0.7 (the grid, search/demo.py): a few steps from uniform
     lower the smooth loss and give inst-meta the largest weight; l2 towards uniform holds them back."""
@@ -322,11 +448,12 @@ def test_run_with_a_learner_scores_the_learned_weights_as_one_trial(demo_family,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["linear", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties"])
 def test_the_learned_config_merges_to_the_model_that_was_scored(demo_family, tmp_path, method):
     """`merge-search learn` on a fresh study scores the baselines, then the learned candidate; its
     exported config rebuilds, in memory and with `merge-search merge`, the tensors that were scored,
-    and the rebuilt model from disk scores the trial's dev score."""
+    and the rebuilt model from disk scores the trial's dev score. TIES learns from the best of a
+    short search (`--start best`), its densities held at that trial's (on the demo a baseline's, 1)."""
     import optuna
     import yaml
     from click.testing import CliRunner
@@ -344,8 +471,16 @@ def test_the_learned_config_merges_to_the_model_that_was_scored(demo_family, tmp
         cfg["merge"] = {"method": "slerp", "granularity": 2}
         path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
+    start = []
+    if method == "ties":
+        cfg["merge"] = {"method": "ties", "base_model": "demo:base", "density_range": [0.3, 0.9]}
+        cfg["study"].update(sampler="random", n_trials=6, pruner="none")
+        path.write_text(yaml.safe_dump(cfg))
+        result = CliRunner().invoke(main, ["run", str(path), "--out", str(out), "--device", "cpu", "-q"])
+        assert result.exit_code == 0, result.output
+        start = ["--start", "best"]
     result = CliRunner().invoke(main, ["learn", str(path), "--steps", "4", "--lr", "0.2", "--out", str(out),
-                                       "--device", "cpu", "-q"])
+                                       "--device", "cpu", "-q", *start])
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
     labels = [t.user_attrs.get("label") for t in study.trials]
@@ -355,6 +490,11 @@ def test_the_learned_config_merges_to_the_model_that_was_scored(demo_family, tmp
     if method == "slerp":
         ts = [v["t"][0] for v in trial.user_attrs["cells"].values()]
         assert len(ts) == 2 and all(0 < t < 1 for t in ts) and ts != [0.5, 0.5]
+    if method == "ties":
+        first = study.trials[trial.user_attrs["learner"]["start_trial"]].user_attrs["cells"]
+        for cell, v in trial.user_attrs["cells"].items():
+            assert v["density"] == first[cell]["density"]
+            assert v["weight"] != pytest.approx(first[cell]["weight"], abs=1e-3)  # learned from the start's
     exported = tmp_path / "learned.yaml"
     result = CliRunner().invoke(main, ["export", str(out), "--trial", str(trial.number), "-o", str(exported)])
     assert result.exit_code == 0, result.output
@@ -362,7 +502,7 @@ def test_the_learned_config_merges_to_the_model_that_was_scored(demo_family, tmp
     result = CliRunner().invoke(main, ["merge", str(exported), "-o", str(model_dir)])
     assert result.exit_code == 0, result.output
 
-    names = [m["name"] for m in cfg["models"]]
+    names = [m["name"] for m in cfg["models"]] + (["base"] if method == "ties" else [])
     merger = InMemoryMerger([open_checkpoint(n, demo_family[n]) for n in names], device="cpu")
     merger.apply(trial.user_attrs["merge_config"])  # what the trial scored
     scored = {k: v.detach().clone() for k, v in merger.model.state_dict().items()}
@@ -424,7 +564,7 @@ def test_early_stopping_reads_only_the_search_split(demo_family, tmp_path, monke
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"merge.method": "ties", "merge.base_model": "demo:base"}, "study.learner learns the parameters of merge.method linear, task_arithmetic, slerp"),
+    ({"merge.method": "dare_ties", "merge.base_model": "demo:base"}, "study.learner learns the parameters of merge.method linear, task_arithmetic, ties, slerp"),
     ({"study.learner": {"early_stop": 1.0}}, "study.learner.early_stop"),
     ({"study.learner": {"loss": "mse"}}, "study.learner.loss"),
     ({"study.learner": {"start": "median"}}, "study.learner.start"),

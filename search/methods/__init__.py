@@ -76,9 +76,10 @@ METHODS: dict[str, MethodSpec] = {
     "karcher": _karcher.SPEC,
 }
 
-# The methods whose merged tensor is, per cell, a weighted sum of whole input tensors: the ones
-# whose parameters `study.learner` learns by gradient (search/learn.py has their coefficients).
-LEARNABLE = ("linear", "task_arithmetic", "slerp")
+# The methods whose merged tensor is, per cell, a weighted sum of the input tensors (TIES' with its
+# trim and sign masks held): the ones whose weights `study.learner` learns by gradient
+# (search/learn.py has their coefficients).
+LEARNABLE = ("linear", "task_arithmetic", "ties", "slerp")
 
 # Value types of every parameter any method takes, validated as mergekit validates them
 # (pydantic, lax: "0.5" -> 0.5, 1 -> True).
