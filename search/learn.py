@@ -233,11 +233,11 @@ class WeightGradient:
             raise MergeSearchError(f"logits need shape {self.shape} (cells x {'t' if self.columns == 1 else 'sources'}) "
                                    f"but got {tuple(theta.shape)}")
         config = self.space.to_config(self.values(theta))
-        self.merger.apply(config)
         if self.ties:
             self._recipes = self.merger.recipes(config)
             if any(r.shared["rescale"] for r in self._recipes):  # the search space never sets it
                 raise MergeSearchError("the learner takes TIES without rescale")
+        self.merger.apply(config)
 
     # --- the coefficients of each tensor's inputs ------------------------------------------
 
@@ -336,10 +336,12 @@ class WeightGradient:
         return total, out
 
     def _ties_partials(self, s: int, seg, grad: torch.Tensor) -> torch.Tensor:
-        """dL/dw_j of tensor `s` under TIES with its masks held at the live merge's: per member j,
-        lambda <grad, a_j (d_j - q) / D> (normalize) or lambda <grad, a_j d_j>, with d_j the trimmed
-        task vector, a_j its agreement with the elected sign, q the normalised mix
-        and D its divisor, computed as the merge computes them (search/methods/ties.py)."""
+        """dL/dw_j of tensor `s` under TIES at the live merge's weights, per member j: the
+        held-mask term lambda <grad, a_j (d_j - q) / D> (normalize) or lambda <grad, a_j d_j>,
+        with d_j the trimmed task vector, a_j its agreement with the elected sign, q the
+        normalised mix and D its divisor, computed as the merge computes them
+        (search/methods/ties.py); plus, unless sign_bandwidth is 0, the sign flips' term
+        lambda <grad (M+ - M-) K_h(T), d_j> (the module docstring)."""
         rec = self._recipes[s]
         spec = METHODS["ties"]
         rows = tuple(self.merger.keys[model_key(r)] for r in rec.models)
