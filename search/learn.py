@@ -35,7 +35,7 @@ delta(T) d_j, which the hook estimates with a Gaussian kernel for delta, of widt
 
 On the demo family this is 3-15x the held-mask term and the two together match finite
 differences of the real merge within a few percent; the held-mask term alone points elsewhere
-(sign_bandwidth 0 gives it, as the issue first proposed). The DARE methods, della and
+(sign_bandwidth 0 gives it). The DARE methods, della and
 breadcrumbs pick elements at random or by rank bands; they are not learned.
 
 The live parameters require gradients; a post-accumulate hook on each reduces its gradient to
