@@ -189,8 +189,8 @@ class RunConfig(_Model):
         if self.study.learner is None:
             return self
         if self.merge.method not in LEARNABLE:
-            raise ValueError(f"study.learner learns the parameters of merge.method {', '.join(LEARNABLE)} (a weighted "
-                             f"sum of the inputs per cell, TIES' with its masks held), not {self.merge.method}")
+            raise ValueError(f"study.learner learns the parameters of merge.method {', '.join(LEARNABLE)} (the others "
+                             f"pick elements at random or by rank bands), not {self.merge.method}")
         if self.eval.objectives and len(self.eval.objectives) > 1:
             raise ValueError("study.learner learns one objective; this study has "
                              f"{len(self.eval.objectives)} (eval.objectives)")

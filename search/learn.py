@@ -81,8 +81,8 @@ Loss = Callable[[torch.nn.Module], "torch.Tensor | Iterable[torch.Tensor]"]
 def check_learnable(space: MergeSpace) -> None:
     """MergeSearchError unless the learner can learn `space`'s parameters."""
     if space.method not in LEARNABLE:
-        raise MergeSearchError(f"learned weights need merge.method {', '.join(LEARNABLE)} (a weighted sum of "
-                               f"the inputs per cell, TIES' with its masks held) but got {space.method}")
+        raise MergeSearchError(f"learned weights need merge.method {', '.join(LEARNABLE)} (the others pick "
+                               f"elements at random or by rank bands) but got {space.method}")
 
 
 def tensor_cells(merger: InMemoryMerger, space: MergeSpace) -> list[int]:
