@@ -375,30 +375,31 @@ class WeightGradient:
             total = wd[0]
             for x in wd[1:]:
                 total = total + x
-            majority = (total >= 0).to(torch.float32) * 2 - 1
-            agree = [x.sign() == majority for x in wd]
+            # per elected sign (+, -): which members agree, their mix and its divisor
+            sides, mixes, divs = [], [], []
+            for sign in (1.0, -1.0):
+                side = [(x * sign) > 0 for x in wd]
+                mixed = sum(x * a for x, a in zip(wd, side))
+                div = None
+                if normalize:
+                    div = sum(w[j] * side[j].to(torch.float32) for j in range(len(ds)))
+                    div = torch.where(div == 0, torch.ones_like(div), div)
+                    mixed = mixed / div
+                sides.append(side)
+                mixes.append(mixed)
+                divs.append(div)
+            plus = total >= 0  # the elected sign (0 counts as +)
+            q = torch.where(plus, mixes[0], mixes[1])
+            div = torch.where(plus, divs[0], divs[1]) if normalize else None
+            for j, d in enumerate(ds):  # the held-mask term
+                agree = torch.where(plus, sides[0][j], sides[1][j])
+                held = ((d - q) / div) * agree if normalize else d * agree
+                acc[j] += lam * torch.dot(gc, held).double()
             if self.sign_bandwidth:  # the elements whose elected sign flips: a kernel over T near 0
                 h = self.sign_bandwidth * float(total.pow(2).mean().sqrt()) + 1e-30
-                sides = []
-                for sign in (1.0, -1.0):  # the merge with majority + and with majority -
-                    side = [(x * sign) > 0 for x in wd]
-                    mixed = sum(x * a for x, a in zip(wd, side))
-                    if normalize:
-                        div = sum(w[j] * side[j].to(torch.float32) for j in range(len(ds)))
-                        mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
-                    sides.append(mixed)
-                jump = gc * (sides[0] - sides[1]) * torch.exp(-0.5 * (total / h) ** 2) / (h * math.sqrt(2 * math.pi))
+                jump = gc * (mixes[0] - mixes[1]) * torch.exp(-0.5 * (total / h) ** 2) / (h * math.sqrt(2 * math.pi))
                 for j, d in enumerate(ds):
                     acc[j] += lam * torch.dot(jump, d).double()
-            if normalize:
-                div = sum(w[j] * agree[j].to(torch.float32) for j in range(len(ds)))
-                div = torch.where(div == 0, torch.ones_like(div), div)
-                q = sum(wd[j] * agree[j] for j in range(len(ds))) / div
-                for j, d in enumerate(ds):
-                    acc[j] += lam * torch.dot(gc, ((d - q) / div) * agree[j]).double()
-            else:
-                for j, d in enumerate(ds):
-                    acc[j] += lam * torch.dot(gc, d * agree[j]).double()
         return acc
 
     def backward(self, theta: torch.Tensor, loss_fn: Loss) -> tuple[float, torch.Tensor]:
